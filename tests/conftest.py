@@ -1,0 +1,39 @@
+"""Shared test set-up: offline Hugging Face, the repository on sys.path, and access to ../shared."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """../shared next to the repository root (official wheel files, parity cases, real model outputs)."""
+    path = ROOT.parent / "shared"
+    if not path.is_dir():
+        pytest.skip(f"needs the shared folder next to the repository ({path} is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def official_lexicon(shared):
+    import reward
+    folder = shared / "emotion_wheel"
+    if not folder.is_dir():
+        pytest.skip(f"needs the official wheel files in {folder}")
+    return reward.load_lexicon(str(folder))
+
+
+@pytest.fixture(scope="session")
+def parity_cases(shared) -> dict:
+    path = shared / "ew_parity" / "cases.json"
+    if not path.is_file():
+        pytest.skip(f"needs the parity cases {path}")
+    return json.loads(path.read_text())
