@@ -1,0 +1,571 @@
+"""data.py: OV-MER datasets in the official layout, prompts for every stage, and a synthetic OV-MER benchmark.
+
+The official layout (../shared/docs/ovmer.md, section 2), all under one folder DIR:
+    DIR/{split}.csv            name, openset        labels as a list-looking string "['happy', 'excited']"
+    DIR/reasons.csv            name, reason         descriptions (the <think> targets); optional
+    DIR/subtitles.csv          name, english        (or name, sentence); also subtitle_chieng.csv
+    DIR/video/{name}.mp4|.avi  frames, decoded with decord
+    DIR/audio/{name}.wav       any rate, mono or stereo (resampled to 16 kHz mono with soxr)
+    DIR/openface_face/{name}/{name}.npy or DIR/openface_face/{name}.npy   optional face crops, uint8 [T, H, W, 3]
+
+One function, `build_prompt`, writes the prompt of every stage (SFT, GRPO, evaluation), so they cannot drift:
+the placeholders <|fused|> <|audio|> <|video|> (n_tokens each), the subtitle and the question, in one user turn
+of the tokenizer's chat template. Targets are `<think>{reason}</think><answer>{labels}</answer>` or
+`<answer>{labels}</answer>` (no-think mode), labels joined with ", ".
+
+The synthetic benchmark (`python data.py synth --out DIR --n-train N --n-test M --seed S`) writes the same
+layout. Its generative process, which is what makes "RL beats SFT on EW-F" testable on a CPU:
+1. Six hidden emotion sectors: the level-1 sectors of wheel 1 of our lexicon. Each sector has a colour, a
+   pitch, an amplitude-modulation rate and a pool of surface words (words of the lexicon that map to that
+   sector in wheel 1 and to the same sectors as the sector's own name in every other wheel, so the EW metric
+   of a label list equals the set-F1 of its hidden sectors).
+2. Each clip carries 1 (40%), 2 (40%) or 3 (20%) distinct sectors. Each sector is evidenced by a random
+   non-empty subset of {video, audio, subtitle}, each modality included with probability 1/2; the subtitle
+   holds at most one cue word, so a second text-only sector moves to video or audio. No modality alone
+   reveals every sector of a multi-sector clip.
+3. Video (64x64, 8 frames at 8 fps): a grey background with one moving disc per video sector, in the sector's
+   colour. Audio (1-2 s at 16 kHz): one tone per audio sector at its pitch, amplitude-modulated at its rate,
+   plus noise. Subtitle: a template sentence with a cue word of the text sector; with probability 0.15 the
+   cue is MISLEADING (a word of a sector the clip does not carry) and the clip's text sector moves to video.
+   Clips without a text sector get a neutral sentence. With probability 0.2 a faint distractor (a small
+   dim disc, or a quiet tone) of a sector the clip does not carry is added.
+4. Labels: 1-2 surface words per sector. Training labels are noisy like human/LLM annotations: with
+   probability 0.15 a spurious word of another sector is added, with probability 0.15 (clips with 2+ sectors)
+   the words of one sector are missing. Test labels are clean.
+5. Reasons: a short templated description naming the cues and the emotion each suggests (the words of the
+   sectors actually evidenced), then the label words.
+"""
+
+import argparse
+import collections
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reward import load_lexicon, parse_labels
+
+SAMPLE_RATE = 16_000
+QUESTION = "Please recognize all possible emotional states of the character."
+THINK_INSTRUCTION = ("First describe the emotional clues inside <think> </think>, then list the emotion labels, "
+                     "separated by commas, inside <answer> </answer>.")
+ANSWER_INSTRUCTION = "List the emotion labels, separated by commas, inside <answer> </answer>."
+
+
+class DataError(ValueError):
+    """Bad input: names the file (and clip or row) and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CSV readers
+
+
+def read_table(path: str, required, optional=()) -> list:
+    """Rows of a CSV as dicts with the `required` columns (and the `optional` ones that exist). `required` may
+    hold alternatives as tuples: ("english", "sentence") means either column; the first found is returned
+    under the first name."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        columns = {}
+        for want in list(required) + list(optional):
+            names = want if isinstance(want, tuple) else (want,)
+            found = next((n for n in names if n in header), None)
+            if found is None and want in required:
+                raise DataError(f"{path}: needs column {' or '.join(repr(n) for n in names)}; header is {header}")
+            if found is not None:
+                columns[names[0]] = header.index(found)
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}, line {reader.line_num}: expected {len(header)} fields, got {len(row)}")
+            rows.append({k: row[i] for k, i in columns.items()})
+    return rows
+
+
+def read_column(path: str, column, optional=False) -> dict:
+    """name -> value of one column; missing optional file -> {}."""
+    if optional and not os.path.isfile(path):
+        return {}
+    key = column[0] if isinstance(column, tuple) else column
+    out = {}
+    for row in read_table(path, ["name", column]):
+        out[row["name"].strip()] = row[key]
+    return out
+
+
+def find_subtitles(root: str) -> str | None:
+    for name in ("subtitles.csv", "subtitle.csv", "subtitle_chieng.csv"):
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+@dataclass
+class Clip:
+    name: str
+    labels: str          # the openset string as in the CSV
+    subtitle: str = ""
+    reason: str | None = None
+
+
+def read_split(root: str, split: str = "train", labels_csv: str | None = None, need_reasons=False) -> list:
+    """Clips of one split: DIR/{split}.csv (or an explicit labels CSV) joined with subtitles and reasons."""
+    labels_csv = labels_csv or os.path.join(root, f"{split}.csv")
+    labels = read_column(labels_csv, "openset")
+    sub_file = find_subtitles(root)
+    subtitles = read_column(sub_file, ("english", "sentence")) if sub_file else {}
+    reasons = read_column(os.path.join(root, "reasons.csv"), "reason", optional=True)
+    if need_reasons:
+        missing = [n for n in labels if n not in reasons]
+        if missing:
+            raise DataError(f"{os.path.join(root, 'reasons.csv')}: think mode needs a reason for every clip; "
+                            f"{len(missing)} of {len(labels)} have none (e.g. {missing[:3]}); use --no-think")
+    return [Clip(n, labels[n], subtitles.get(n, ""), reasons.get(n)) for n in labels]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Media
+
+
+def frame_indices(total: int, n: int) -> list:
+    """n frame indices spread uniformly over `total` frames (the centre of n equal segments); a clip with fewer
+    than n frames repeats its last frame."""
+    if total <= 0:
+        raise ValueError("a video needs at least one frame")
+    if total < n:
+        return list(range(total)) + [total - 1] * (n - total)
+    return [int((i + 0.5) * total / n) for i in range(n)]
+
+
+def resize_frames(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3): shorter side to `size`, centre crop."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def load_video(path: str, n_frames: int, size: int) -> torch.Tensor:
+    """n_frames uniformly sampled RGB frames, uint8 (n_frames, size, size, 3)."""
+    import decord
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: video file is missing")
+    try:
+        reader = decord.VideoReader(path, num_threads=1)
+        frames = reader.get_batch(frame_indices(len(reader), n_frames)).asnumpy()
+    except Exception as e:  # decord raises its own error types for corrupt files
+        raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    return resize_frames(frames, size)
+
+
+def load_faces(path: str, n_frames: int, size: int) -> torch.Tensor:
+    """Face crops saved as uint8 [T, H, W, 3] .npy, sampled and resized like video frames."""
+    try:
+        faces = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read face crops ({e})")
+    if faces.ndim != 4 or faces.shape[-1] != 3:
+        raise DataError(f"{path}: face crops must be [T, H, W, 3], got shape {faces.shape}")
+    return resize_frames(faces[frame_indices(len(faces), n_frames)].astype(np.uint8), size)
+
+
+def cut_clips(wave: np.ndarray, n_clips: int, clip_samples: int) -> np.ndarray:
+    """(S,) -> (n_clips, clip_samples): windows whose starts are spread uniformly over the audio; a short audio
+    is zero-padded at the end (every window is then the same)."""
+    if len(wave) < clip_samples:
+        wave = np.pad(wave, (0, clip_samples - len(wave)))
+    starts = np.linspace(0, len(wave) - clip_samples, n_clips).round().astype(int)
+    return np.stack([wave[s:s + clip_samples] for s in starts])
+
+
+def load_audio(path: str, n_clips: int, clip_seconds: float) -> torch.Tensor:
+    """Mono 16 kHz audio cut into n_clips windows of clip_seconds: float32 (n_clips, samples)."""
+    import soundfile
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file is missing")
+    try:
+        wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read audio ({e})")
+    if wave.shape[0] == 0:
+        raise DataError(f"{path}: audio file holds no samples")
+    wave = wave.mean(axis=1)  # stereo -> mono
+    if rate != SAMPLE_RATE:
+        import soxr
+        wave = soxr.resample(wave, rate, SAMPLE_RATE).astype(np.float32)
+    return torch.from_numpy(cut_clips(wave, n_clips, round(clip_seconds * SAMPLE_RATE)))
+
+
+def media_paths(root: str, name: str, use_faces: bool = False) -> tuple:
+    """(visual path, audio path) of a clip: face crops when asked and present, else video .mp4 / .avi."""
+    visual = None
+    if use_faces:
+        for p in (os.path.join(root, "openface_face", name, f"{name}.npy"),
+                  os.path.join(root, "openface_face", f"{name}.npy")):
+            if os.path.isfile(p):
+                visual = p
+                break
+    if visual is None:
+        visual = next((p for p in (os.path.join(root, "video", f"{name}{ext}") for ext in (".mp4", ".avi"))
+                       if os.path.isfile(p)), os.path.join(root, "video", f"{name}.mp4"))
+    return visual, os.path.join(root, "audio", f"{name}.wav")
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Clips with decoded media: {"name", "frames" (N, size, size, 3) uint8, "audio" (C, S) float32, "clip"}.
+
+    Missing media files are found up front: an error naming clip and file, or with skip_bad=True the clip is
+    left out and counted in `self.skipped` (name -> reason). A file that exists but cannot be decoded raises
+    DataError naming it when the clip is loaded (encode_clips can skip those too).
+    """
+
+    def __init__(self, root, clips, n_frames, image_size, audio_clips, clip_seconds, use_faces=False,
+                 skip_bad=False):
+        self.root, self.n_frames, self.image_size = root, n_frames, image_size
+        self.audio_clips, self.clip_seconds, self.use_faces = audio_clips, clip_seconds, use_faces
+        self.clips, self.skipped = [], {}
+        for clip in clips:
+            missing = [p for p in media_paths(root, clip.name, use_faces) if not os.path.isfile(p)]
+            if missing:
+                reason = f"clip {clip.name}: missing {', '.join(missing)}"
+                if not skip_bad:
+                    raise DataError(reason + " (use --skip-bad-clips to leave such clips out)")
+                self.skipped[clip.name] = reason
+            else:
+                self.clips.append(clip)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        clip = self.clips[i]
+        visual, audio = media_paths(self.root, clip.name, self.use_faces)
+        try:
+            frames = (load_faces if visual.endswith(".npy") else load_video)(visual, self.n_frames,
+                                                                               self.image_size)
+            wave = load_audio(audio, self.audio_clips, self.clip_seconds)
+        except DataError as e:
+            raise DataError(f"clip {clip.name}: {e}") from None
+        return {"name": clip.name, "frames": frames, "audio": wave, "clip": clip}
+
+
+def encode_clips(dataset: ClipDataset, encode, batch_size=16, skip_bad=False, progress=True,
+                 num_workers=0) -> dict:
+    """Run `encode(frames, audio) -> {"video": (B, ...), "audio": (B, ...)}` over a ClipDataset once.
+    Returns name -> {"video", "audio"} (CPU float32). Undecodable clips raise, or are skipped and counted
+    in dataset.skipped when skip_bad."""
+    from tqdm import tqdm
+    feats, batch = {}, []
+
+    def flush():
+        if batch:
+            out = encode(torch.stack([b["frames"] for b in batch]), torch.stack([b["audio"] for b in batch]))
+            for j, b in enumerate(batch):
+                feats[b["name"]] = {k: v[j].cpu() for k, v in out.items()}
+            batch.clear()
+
+    for i in tqdm(range(len(dataset)), desc="encode media", disable=not progress, leave=False):
+        try:
+            batch.append(dataset[i])
+        except DataError as e:
+            if not skip_bad:
+                raise
+            dataset.skipped[dataset.clips[i].name] = str(e)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts, targets, batches
+
+
+def build_prompt(tokenizer, subtitle: str, think: bool = True, n_tokens: int = 1) -> str:
+    """The one prompt of every stage: media placeholders, subtitle and question in one user turn."""
+    media = "<|fused|>" * n_tokens + "<|audio|>" * n_tokens + "<|video|>" * n_tokens
+    text = (f"{media}\nSubtitle: {subtitle.strip() or '(none)'}\n{QUESTION} "
+            f"{THINK_INSTRUCTION if think else ANSWER_INSTRUCTION}")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def format_labels(labels) -> str:
+    """Label string or list -> "happy, excited"."""
+    return ", ".join(parse_labels(labels))
+
+
+def build_target(labels, reason: str | None = None, think: bool = True) -> str:
+    answer = f"<answer>{format_labels(labels)}</answer>"
+    if not think:
+        return answer
+    if reason is None:
+        raise DataError("think mode needs a reason for every training clip")
+    return f"<think>{reason.strip()}</think>{answer}"
+
+
+def tokenize_example(tokenizer, clip: Clip, think: bool, n_tokens: int, max_length: int = 1024) -> dict:
+    """Prompt ids + target ids + EOS, with labels = -100 on the prompt (the loss sees target tokens only)."""
+    prompt = tokenizer(build_prompt(tokenizer, clip.subtitle, think, n_tokens), add_special_tokens=False)
+    target = tokenizer(build_target(clip.labels, clip.reason, think), add_special_tokens=False)
+    ids = prompt["input_ids"] + target["input_ids"] + [tokenizer.eos_token_id]
+    labels = [-100] * len(prompt["input_ids"]) + target["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) > max_length:  # cut the target, never the prompt (the media placeholders live there)
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_batch(seqs, value: int, left: bool) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_train(examples, pad_id: int) -> dict:
+    """Right-padded training batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+    ids = [e["input_ids"] for e in examples]
+    return {"input_ids": pad_batch(ids, pad_id, left=False),
+            "attention_mask": pad_batch([[1] * len(s) for s in ids], 0, left=False),
+            "labels": pad_batch([e["labels"] for e in examples], -100, left=False)}
+
+
+def collate_prompts(tokenizer, subtitles, think: bool, n_tokens: int) -> dict:
+    """Left-padded prompts for generation: input_ids, attention_mask."""
+    ids = [tokenizer(build_prompt(tokenizer, s, think, n_tokens), add_special_tokens=False)["input_ids"]
+           for s in subtitles]
+    return {"input_ids": pad_batch(ids, tokenizer.pad_token_id, left=True),
+            "attention_mask": pad_batch([[1] * len(s) for s in ids], 0, left=True)}
+
+
+def stack_media(feats: dict, names) -> dict:
+    """Cached features of several clips -> {"video": (B, N, Dv), "audio": (B, C, Da)}."""
+    return {k: torch.stack([feats[n][k] for n in names]) for k in ("video", "audio")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The synthetic OV-MER benchmark
+
+COLOURS = [(230, 40, 40), (40, 90, 230), (150, 60, 200), (250, 210, 30), (240, 120, 20), (40, 190, 90),
+           (200, 200, 200), (20, 200, 220)]
+COLOUR_NAMES = ["red", "blue", "purple", "yellow", "orange", "green", "white", "cyan"]
+PITCHES = [180.0, 260.0, 340.0, 450.0, 600.0, 800.0, 1000.0, 1250.0]
+PITCH_NAMES = ["very low", "low", "lowish", "middle", "high", "very high", "shrill", "piercing"]
+AM_RATES = [2.0, 3.0, 5.0, 7.0, 9.0, 11.0, 4.0, 6.0]
+CUE_TEMPLATES = ["I feel so {w} about all of this.", "Honestly, this makes me {w}.", "You know, I am really {w}.",
+                 "Right now I am just {w}.", "It all leaves me {w}, to be honest."]
+NEUTRAL_SUBTITLES = ["We will meet at the station at noon.", "The report is on the table.",
+                     "Please pass me the salt.", "The bus leaves in ten minutes.", "I bought some bread today."]
+
+
+_NOUN_ENDINGS = ("ness", "ion", "ity", "ment", "ance", "ence", "ism", "ship", "dom", "ure")
+
+
+def synth_sectors(lex=None, pool_size: int = 8) -> dict:
+    """sector -> pool of surface words (adjectives) for the synthetic benchmark.
+
+    The sectors are the level-1 sectors of wheel 1 of our lexicon. A sector's words are its wheel-1 words and
+    their synonyms that share one mapping in all five wheels (the most common complete one), so a label list
+    scores exactly like its set of hidden sectors. Wheel words come first, then shorter words.
+    """
+    lex = lex or load_lexicon("builtin")
+    wheel1 = lex.clusters[0][0]
+    sectors = sorted(set(wheel1.values()))
+    if len(sectors) > len(COLOURS):
+        raise ValueError(f"the synthetic benchmark supports at most {len(COLOURS)} sectors, got {len(sectors)}")
+    pools = {}
+    for sector in sectors:
+        own = {w for w, s in wheel1.items() if s == sector}
+        words = own | {key for key, ws in lex.synonyms.items() if own.intersection(ws)}
+        words = [w for w in words if w.isascii() and w.isalpha() and len(w) <= 12 and not w.endswith(_NOUN_ENDINGS)]
+        signatures = collections.Counter(lex.lookup(w)[0] for w in words if None not in lex.lookup(w)[0])
+        if not signatures:
+            raise ValueError(f"lexicon: no word of sector {sector!r} maps to a sector in every wheel")
+        signature = signatures.most_common(1)[0][0]
+        pool = sorted((w for w in words if lex.lookup(w)[0] == signature), key=lambda w: (w not in own, len(w), w))
+        if len(pool) < 2:
+            raise ValueError(f"lexicon: sector {sector!r} has fewer than 2 consistent words for the benchmark")
+        pools[sector] = pool[:pool_size]
+    return pools
+
+
+def _synth_clip(rng: np.random.Generator, pools: dict, train: bool) -> dict:
+    """Draw one clip's hidden sectors, its evidence per modality, labels and reason (no media yet)."""
+    sectors = list(pools)
+    k = rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])
+    chosen = [int(i) for i in rng.choice(len(sectors), size=k, replace=False)]
+    others = [i for i in range(len(sectors)) if i not in chosen]
+    video, audio, text = [], [], []
+    for s in chosen:
+        while True:
+            mods = rng.random(3) < 0.5
+            if mods.any():
+                break
+        if mods[2] and text:  # one cue word per subtitle: the extra text sector moves to the video
+            mods[2], mods[0] = False, True
+        for on, lst in zip(mods, (video, audio, text)):
+            if on:
+                lst.append(s)
+    misleading = None
+    if text and rng.random() < 0.15:  # the subtitle names a sector the clip does not carry
+        if text[0] not in video:
+            video.append(text[0])
+        misleading, text = int(rng.choice(others)) if others else None, []
+    distractor = None
+    if others and rng.random() < 0.2:
+        distractor = (int(rng.choice(others)), "video" if rng.random() < 0.5 else "audio")
+    words = {s: list(rng.choice(pools[sectors[s]], size=rng.choice([1, 2]), replace=False)) for s in chosen}
+    labels = [w for s in chosen for w in words[s]]
+    if train:
+        if len(chosen) > 1 and rng.random() < 0.15:  # an annotator missed one emotion
+            gone = words[int(rng.choice(chosen))]
+            labels = [w for w in labels if w not in gone]
+        if others and rng.random() < 0.15:  # ... or added a spurious one
+            labels.append(str(rng.choice(pools[sectors[int(rng.choice(others))]])))
+    cue_sector = text[0] if text else misleading
+    cue = str(rng.choice(pools[sectors[cue_sector]])) if cue_sector is not None else None
+    subtitle = (str(rng.choice(CUE_TEMPLATES)).format(w=cue) if cue is not None
+                else str(rng.choice(NEUTRAL_SUBTITLES)))
+    parts = []
+    if video:
+        parts.append("the face shows " + " and ".join(f"{COLOUR_NAMES[s]} ({words.get(s, [cue])[0]})"
+                                                      for s in video))
+    if audio:
+        parts.append("the voice is " + " and ".join(f"{PITCH_NAMES[s]} ({words[s][0]})" for s in audio))
+    if text:
+        parts.append(f"the words say {cue}")
+    reason = "; ".join(parts).capitalize() + ". So: " + ", ".join(labels) + "."
+    return {"sectors": [sectors[s] for s in chosen], "video": video, "audio": audio, "text": text,
+            "misleading": misleading, "distractor": distractor, "labels": labels, "subtitle": subtitle,
+            "reason": reason}
+
+
+def _render_video(path: str, rng: np.random.Generator, video: list, distractor, size=64, n_frames=8):
+    import av
+    bg = rng.integers(90, 140)
+    discs = [(s, 1.0, 11) for s in video]
+    if distractor and distractor[1] == "video":
+        discs.append((distractor[0], 0.35, 6))
+    starts = rng.uniform(12, size - 12, size=(len(discs), 2))
+    speeds = rng.uniform(-2.5, 2.5, size=(len(discs), 2))
+    yy, xx = np.mgrid[0:size, 0:size]
+    container = av.open(path, "w")
+    # NOTE: MPEG-4 part 2, not H.264: libx264 output varies from run to run on noisy frames here, and the
+    # benchmark promises byte-identical files for a seed
+    stream = container.add_stream("mpeg4", rate=8)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"qscale": "2"}
+    for t in range(n_frames):
+        frame = np.full((size, size, 3), bg, dtype=np.float32)
+        frame += rng.normal(0, 6, size=frame.shape)
+        for (s, alpha, radius), p0, v in zip(discs, starts, speeds):
+            cy, cx = np.clip(p0 + t * v, radius, size - radius)
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+            frame[inside] = (1 - alpha) * frame[inside] + alpha * np.array(COLOURS[s], dtype=np.float32)
+        img = av.VideoFrame.from_ndarray(frame.clip(0, 255).astype(np.uint8), format="rgb24")
+        for packet in stream.encode(img):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def _render_audio(path: str, rng: np.random.Generator, audio: list, distractor):
+    import soundfile
+    seconds = rng.uniform(1.0, 2.0)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    tones = [(s, 1.0) for s in audio]
+    if distractor and distractor[1] == "audio":
+        tones.append((distractor[0], 0.25))
+    wave = rng.normal(0, 0.02, size=t.shape)
+    for s, amp in tones:
+        am = 0.6 + 0.4 * np.sin(2 * math.pi * AM_RATES[s] * t + rng.uniform(0, 2 * math.pi))
+        wave += 0.25 * amp * am * np.sin(2 * math.pi * PITCHES[s] * t + rng.uniform(0, 2 * math.pi))
+    soundfile.write(path, wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+
+
+def _labels_string(labels) -> str:
+    return "[" + ", ".join(f"'{w}'" for w in labels) + "]"
+
+
+def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True) -> dict:
+    """Write the synthetic benchmark in the official layout; returns a summary. Same seed -> same files."""
+    from tqdm import tqdm
+    pools = synth_sectors()
+    os.makedirs(os.path.join(out, "video"), exist_ok=True)
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    rows = {"train": [], "test": []}
+    reasons, subtitles, meta = [], [], {}
+    splits = ["train"] * n_train + ["test"] * n_test
+    for i, split in enumerate(tqdm(splits, desc="synthesize", disable=not progress, leave=False)):
+        rng = np.random.default_rng([seed, i])  # one stream per clip: order-independent and reproducible
+        name = f"synth_{i:05d}"
+        c = _synth_clip(rng, pools, train=(split == "train"))
+        _render_video(os.path.join(out, "video", f"{name}.mp4"), rng, c["video"], c["distractor"])
+        _render_audio(os.path.join(out, "audio", f"{name}.wav"), rng, c["audio"], c["distractor"])
+        rows[split].append((name, _labels_string(c["labels"])))
+        reasons.append((name, c["reason"]))
+        subtitles.append((name, c["subtitle"]))
+        meta[name] = {k: c[k] for k in ("sectors", "video", "audio", "text", "misleading", "distractor")}
+        meta[name]["split"] = split
+    for filename, header, data in (("train.csv", ("name", "openset"), rows["train"]),
+                                   ("test.csv", ("name", "openset"), rows["test"]),
+                                   ("reasons.csv", ("name", "reason"), reasons),
+                                   ("subtitles.csv", ("name", "english"), subtitles)):
+        with open(os.path.join(out, filename), "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(data)
+    with open(os.path.join(out, "synth.json"), "w") as f:
+        json.dump({"seed": seed, "sectors": pools, "clips": meta}, f, indent=1)
+    return {"out": out, "n_train": n_train, "n_test": n_test, "sectors": list(pools)}
+
+
+def tokenizer_corpus() -> list:
+    """Texts the on-the-fly tokenizer of the tiny preset is trained on: prompts, templates, lexicon words."""
+    lex = load_lexicon("builtin")
+    pools = synth_sectors(lex)
+    words = sorted(lex.synonyms)
+    texts = [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
+    texts += CUE_TEMPLATES + NEUTRAL_SUBTITLES + COLOUR_NAMES + PITCH_NAMES
+    texts += ["the face shows", "the voice is", "the words say", "So:"]
+    texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
+    pool_words = sorted({w for ws in pools.values() for w in ws})
+    texts += [f"{w}, {v}" for w in pool_words for v in pool_words]  # label words become single tokens
+    texts += [f"{t.format(w=w)}" for t in CUE_TEMPLATES for w in pool_words]
+    return texts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="OV-MER data tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write the synthetic OV-MER benchmark in the official layout")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n-train", type=int, default=800)
+    s.add_argument("--n-test", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.n_train < 0 or args.n_test < 0 or args.n_train + args.n_test == 0:
+        sys.exit("error: --n-train and --n-test must be >= 0 and not both 0")
+    summary = synthesize(args.out, args.n_train, args.n_test, args.seed)
+    print(f"wrote {summary['n_train']} train and {summary['n_test']} test clips to {summary['out']} "
+          f"(sectors: {', '.join(summary['sectors'])})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""model.py: a compact AffectGPT (frozen encoders -> attention pooling -> pre-fusion -> projectors -> LLM + LoRA).
+
+    frames (B, N, H, W, 3) --vision encoder (frozen)--> (B, N, Dv) --softmax attention pool--> (B, Dv) --+
+    audio  (B, C, S)       --audio encoder (frozen)---> (B, C, Da) --softmax attention pool--> (B, Da) --+
+                                                                                                      |
+    pre-fusion: both pooled vectors -> common width, an MLP on their concatenation gives 2 softmax weights,
+    the weighted sum is the fused vector. Linear projectors turn (fused, audio, video) into n_tokens LLM input
+    embeddings each; they replace the placeholder tokens <|fused|>, <|audio|>, <|video|> of the prompt.
+
+The LLM is any transformers causal LM (Qwen2.5 in the paper) with hand-written LoRA (`LoRALinear`) on the
+attention and MLP projections, or trained in full. `encode_media` runs the frozen encoders once per clip, so
+GRPO reuses the features for all G samples, the reference pass and every update. `adapters_disabled()` turns
+the policy into its reference (no second copy of the LLM); `merge_lora()` folds the adapters into the weights.
+
+Presets (each also carries the public architecture dimensions, so `random_init=True` builds the real shapes
+without the hub, for throughput and memory planning):
+- tiny: random-init Qwen2-style LM, CLIP vision tower and HuBERT, all a few layers wide; a byte-level BPE
+  tokenizer trained on the fly from our lexicon and prompt templates (deterministic for a seed). No downloads.
+  Its LLM is trained in full by default: a random base has nothing for LoRA to preserve.
+- qwen0.5b: Qwen/Qwen2.5-0.5B-Instruct, google/siglip-base-patch16-224, facebook/hubert-base-ls960.
+- paper: Qwen/Qwen2.5-7B-Instruct, openai/clip-vit-large-patch14, TencentGameMate/chinese-hubert-large,
+  LoRA r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up, down.
+
+Departures from AffectGPT: the temporal pooling uses a softmax over time steps (upstream has none); audio
+clips are normalised to zero mean and unit variance before the encoder whatever the encoder's own feature
+extractor does; frames are resized (shorter side) and centre-cropped by us, then normalised with the
+encoder family's mean and std.
+
+A checkpoint directory holds `config.json` (the ModelConfig, naming encoders and LLM), `trainable.safetensors`
+(projector and LoRA, or projector and the whole LM), `tokenizer/`, and for random-init bases
+`base.safetensors` (the frozen weights, which no hub can give back). No pickle.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+PLACEHOLDERS = ("<|fused|>", "<|audio|>", "<|video|>")  # in this order in every prompt
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAMPLE_RATE = 16_000
+# normalisation of frames per vision family (CLIP's published statistics; SigLIP uses 0.5 / 0.5)
+PIXEL_STATS = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+               "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+# Public architecture facts of each named model (from their published configs), used for random_init.
+_QWEN_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": 1e6})
+_QWEN_7B = dict(_QWEN_05B, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+_SIGLIP_BASE = dict(model_type="siglip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=224, patch_size=16)
+_CLIP_L14 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                 num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)
+_HUBERT_BASE = dict(model_type="hubert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072)
+_HUBERT_LARGE = dict(model_type="hubert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                     intermediate_size=4096, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+_TINY = {
+    "llm": dict(model_type="qwen2", hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "vision": dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, image_size=32, patch_size=4, projection_dim=32),
+    "audio": dict(model_type="hubert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=128, conv_dim=[64] * 7, num_conv_pos_embeddings=16,
+                  num_conv_pos_embedding_groups=4),
+}
+
+PRESETS = {
+    "tiny": dict(llm=None, vision=None, audio=None, arch=_TINY, random_init=True, train_llm="full",
+                 n_frames=8, audio_clips=2, clip_seconds=1.0, fusion_width=64, tokenizer_vocab=640),
+    "qwen0.5b": dict(llm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224",
+                     audio="facebook/hubert-base-ls960",
+                     arch={"llm": _QWEN_05B, "vision": _SIGLIP_BASE, "audio": _HUBERT_BASE}),
+    "paper": dict(llm="Qwen/Qwen2.5-7B-Instruct", vision="openai/clip-vit-large-patch14",
+                  audio="TencentGameMate/chinese-hubert-large",
+                  arch={"llm": _QWEN_7B, "vision": _CLIP_L14, "audio": _HUBERT_LARGE}),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything `build_model` needs; saved as config.json in every checkpoint."""
+    preset: str = "tiny"
+    llm: str | None = None        # HF name or local path of a causal LM (None: random init from arch)
+    vision: str | None = None     # CLIP / SigLIP vision tower
+    audio: str | None = None      # HuBERT / Wav2Vec2 / WavLM / Whisper encoder
+    arch: dict = field(default_factory=dict)  # HF config kwargs per component, used when random_init
+    random_init: bool = False     # build from arch with random weights (no hub)
+    train_llm: str = "lora"       # "lora" or "full"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple = LORA_TARGETS
+    n_tokens: int = 1             # LLM tokens per modality (paper: 1)
+    n_frames: int = 8             # frames sampled per clip
+    audio_clips: int = 8          # audio clips per clip (paper: 8 x 2 s)
+    clip_seconds: float = 2.0
+    fusion_width: int = 256
+    tokenizer_vocab: int = 640    # size of the on-the-fly tokenizer (random-init LLM without a name only)
+    seed: int = 0
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        cfg = dict(PRESETS[name], preset=name)
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        return ModelConfig(**cfg)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W, b frozen and B initialised to zero.
+
+    `weight` and `bias` keep the names nn.Linear gives them, so the base state dict is unchanged by wrapping.
+    A and B are float32 (they are the trained parameters) and are cast to the input's dtype for the product.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        h = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + self.scale * h
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + (alpha / r) B A."""
+        out = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
+            out.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
+
+def apply_lora(module: nn.Module, targets, r: int, alpha: float, dropout: float) -> int:
+    """Replace every nn.Linear whose attribute name is in `targets` by a LoRALinear; returns how many."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+                count += 1
+    if count == 0:
+        raise ValueError(f"LoRA: no nn.Linear named any of {list(targets)} in {type(module).__name__}")
+    return count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainable multimodal part
+
+
+class AttentionPool(nn.Module):
+    """Softmax attention over time: a linear score per step, the weighted sum of the steps."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x):  # (B, T, D) -> (B, D)
+        w = torch.softmax(self.score(x).squeeze(-1), dim=-1)  # (B, T)
+        return torch.einsum("bt,btd->bd", w, x)
+
+
+class Projector(nn.Module):
+    """Pooled audio and video -> pre-fusion -> (fused, audio, video) x n_tokens LLM embeddings."""
+
+    def __init__(self, d_video: int, d_audio: int, d_llm: int, width: int, n_tokens: int):
+        super().__init__()
+        self.n_tokens, self.d_llm = n_tokens, d_llm
+        self.pool_video, self.pool_audio = AttentionPool(d_video), AttentionPool(d_audio)
+        self.common_video, self.common_audio = nn.Linear(d_video, width), nn.Linear(d_audio, width)
+        self.fusion = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, 2))
+        self.proj_fused = nn.Linear(width, n_tokens * d_llm)
+        self.proj_audio = nn.Linear(d_audio, n_tokens * d_llm)
+        self.proj_video = nn.Linear(d_video, n_tokens * d_llm)
+
+    def forward(self, video, audio):  # (B, N, Dv), (B, C, Da) -> (B, 3 * n_tokens, d_llm)
+        v, a = self.pool_video(video), self.pool_audio(audio)
+        cv, ca = self.common_video(v), self.common_audio(a)
+        w = torch.softmax(self.fusion(torch.cat([cv, ca], dim=-1)), dim=-1)  # (B, 2)
+        fused = w[:, :1] * cv + w[:, 1:] * ca
+        tokens = [self.proj_fused(fused), self.proj_audio(a), self.proj_video(v)]
+        return torch.cat([t.view(-1, self.n_tokens, self.d_llm) for t in tokens], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class AffectGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm, vision, audio, tokenizer, vision_family: str):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.llm, self.vision, self.audio = llm, vision, audio
+        self.vision_family = vision_family
+        self.vision.requires_grad_(False).eval()
+        self.audio.requires_grad_(False).eval()
+        d_llm = llm.get_input_embeddings().weight.shape[1]
+        self.projector = Projector(self._vision_dim(), self.audio.config.hidden_size, d_llm,
+                                   cfg.fusion_width, cfg.n_tokens)
+        self.placeholder_ids = tokenizer.convert_tokens_to_ids(list(PLACEHOLDERS))
+        self.image_size = self.vision.config.image_size
+        mean, std = PIXEL_STATS[vision_family]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def _vision_dim(self):
+        c = self.vision.config
+        return getattr(c, "projection_dim", None) if self.vision_family == "clip" else c.hidden_size
+
+    @property
+    def device(self):
+        return self.projector.proj_fused.weight.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # frozen parts stay in eval mode (no dropout, no time masking)
+        self.audio.eval()
+        return self
+
+    def autocast(self):
+        """bf16 autocast on GPU (trainable weights are float32), nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- media ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_media(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
+        """Frozen encoders, once per clip. frames (B, N, H, W, 3) uint8 at image_size; audio (B, C, S) float
+        at 16 kHz. Returns float32 features {"video": (B, N, Dv), "audio": (B, C, Da)}."""
+        B, N = frames.shape[:2]
+        dtype = next(self.vision.parameters()).dtype
+        pixels = frames.to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+        pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
+        out = self.vision(pixel_values=pixels)
+        video = out.image_embeds if self.vision_family == "clip" else out.pooler_output  # (B*N, Dv)
+        C = audio.shape[1]
+        wave = audio.to(self.device).flatten(0, 1).float()  # (B*C, S)
+        if getattr(self.audio.config, "model_type", "") == "whisper":
+            hidden = self._whisper_features(wave)
+        else:
+            wave = (wave - wave.mean(-1, keepdim=True)) / (wave.std(-1, keepdim=True) + 1e-7)
+            states = self.audio(input_values=wave.to(dtype), output_hidden_states=True).hidden_states
+            hidden = torch.stack(states[-4:]).float().mean(0).mean(1)  # mean of the last 4 layers, then time
+        return {"video": video.float().view(B, N, -1), "audio": hidden.float().view(B, C, -1)}
+
+    def _whisper_features(self, wave):
+        from transformers import WhisperFeatureExtractor
+        fe = WhisperFeatureExtractor(feature_size=self.audio.config.num_mel_bins)
+        feats = fe(list(wave.cpu().numpy()), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        dtype = next(self.audio.parameters()).dtype
+        hidden = self.audio(input_features=feats.to(self.device, dtype)).last_hidden_state
+        n = max(1, math.ceil(wave.shape[1] / 320))  # encoder frames cover 20 ms each; skip the padding
+        return hidden[:, :n].float().mean(1)
+
+    def media_embeddings(self, media: dict) -> torch.Tensor:
+        """Trainable part: features -> (B, 3 * n_tokens, D) LLM embeddings (fused, audio, video)."""
+        return self.projector(media["video"].to(self.device), media["audio"].to(self.device))
+
+    def embed(self, input_ids: torch.Tensor, media: dict | None) -> torch.Tensor:
+        """Token embeddings with the placeholder positions replaced by the projected media, in prompt order."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        is_media = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))
+        if media is None:
+            if is_media.any():
+                raise ValueError("prompt has media placeholders but no media features were given")
+            return embeds
+        n = 3 * self.cfg.n_tokens
+        counts = is_media.sum(1)
+        if not bool((counts == n).all()):
+            raise ValueError(f"every prompt needs {n} placeholder tokens, found {counts.tolist()}")
+        pattern = torch.tensor(self.placeholder_ids, device=input_ids.device).repeat_interleave(self.cfg.n_tokens)
+        if not bool((input_ids[is_media].view(-1, n) == pattern).all()):
+            raise ValueError(f"placeholders must come in the order {PLACEHOLDERS}, {self.cfg.n_tokens} of each")
+        media_embeds = self.media_embeddings(media).to(embeds.dtype)  # (B, n, D)
+        return embeds.masked_scatter(is_media.unsqueeze(-1), media_embeds)
+
+    # -- the LM ---------------------------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids, attention_mask, media=None):
+        """Last hidden states (B, T, D). NOTE: position ids come from the attention mask, so left-padded
+        rows get the same positions as unpadded ones."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm.base_model(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, attention_mask, media=None):
+        """Logits (B, T, V)."""
+        return self.llm.get_output_embeddings()(self.hidden_states(input_ids, attention_mask, media))
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The reference policy: the same network with every LoRA adapter switched off."""
+        layers = [m for m in self.llm.modules() if isinstance(m, LoRALinear)]
+        if not layers:
+            raise RuntimeError("adapters_disabled() needs LoRA (train_llm='lora')")
+        for m in layers:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.enabled = True
+
+    def merge_lora(self) -> int:
+        """Fold every adapter into its weight (for export); returns how many were merged."""
+        count = 0
+        for parent in list(self.llm.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, child.merged())
+                    count += 1
+        return count
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, media, max_new_tokens=128, temperature=1.0, top_p=1.0,
+                 top_k=0, greedy=False, generator=None) -> torch.Tensor:
+        """Sample completions for left-padded prompts. Returns (B, L) token ids; after a row's first EOS every
+        token is pad. Sampling draws from softmax(logits / temperature), optionally cut by top_k / top_p."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
+        next_pos = position_ids[:, -1:] + 1
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            tok = logits.float().argmax(-1) if greedy else sample_token(logits, temperature, top_p, top_k,
+                                                                         generator)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            tokens.append(tok)
+            done |= tok == eos
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+            out = self.llm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                           cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
+            next_pos = next_pos + 1
+        if not tokens:
+            return input_ids.new_zeros(input_ids.shape[0], 0)
+        return torch.stack(tokens, dim=1)
+
+
+def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """One token per row from softmax(logits / T), with optional top-k and nucleus (top-p) cuts."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to AND INCLUDING the first EOS, 0 after it. NOTE: never built from `token == pad`: when pad == eos
+    that would mask the EOS itself and the policy would never learn to stop."""
+    is_eos = (tokens == eos_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 1024) -> torch.Tensor:
+    """log softmax(lm_head(hidden) / T)[target] in float32, by chunks of rows so that no float32 (B, T, V)
+    tensor is materialised. hidden (B, T, D), targets (B, T) -> (B, T)."""
+    flat_h, flat_t = hidden.flatten(0, 1), targets.flatten()
+    out = []
+    for i in range(0, flat_h.shape[0], chunk):
+        logits = lm_head(flat_h[i:i + chunk]).float() / temperature  # (chunk, V)
+        picked = logits.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1)
+        out.append(picked - logits.logsumexp(-1))
+    return torch.cat(out).view(targets.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building, saving, loading
+
+
+def _hf_config(kwargs: dict):
+    from transformers import AutoConfig
+    kwargs = dict(kwargs)
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def _vision_family(model_type: str) -> str:
+    if model_type.startswith("clip"):
+        return "clip"
+    if model_type.startswith("siglip"):
+        return "siglip"
+    raise ValueError(f"vision encoder of type {model_type!r}: only CLIP and SigLIP vision towers are supported")
+
+
+def _load_vision(name, arch, random_init, dtype):
+    from transformers import AutoConfig, CLIPVisionModelWithProjection, SiglipVisionModel
+    if random_init:
+        config = _hf_config(arch)
+    else:
+        config = AutoConfig.from_pretrained(name)
+    family = _vision_family(config.model_type)
+    cls = CLIPVisionModelWithProjection if family == "clip" else SiglipVisionModel
+    if random_init:
+        return cls._from_config(config, dtype=dtype), family
+    return cls.from_pretrained(name, dtype=dtype), family
+
+
+def _load_audio(name, arch, random_init, dtype):
+    from transformers import AutoModel
+    model = AutoModel.from_config(_hf_config(arch), dtype=dtype) if random_init else \
+        AutoModel.from_pretrained(name, dtype=dtype)
+    if model.config.model_type == "whisper":
+        model = model.get_encoder()
+    return model
+
+
+def build_tokenizer(texts, vocab_size: int, seed: int = 0):
+    """A byte-level BPE tokenizer trained on `texts` (ChatML specials, placeholders, think/answer tags),
+    deterministic for a seed. For random-init LLMs without a tokenizer of their own."""
+    import random
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    texts = sorted(set(texts))
+    random.Random(seed).shuffle(texts)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, normalized=False) for t in TAGS])  # plain text tokens, kept on decode
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left")
+    fast.chat_template = CHATML
+    return fast
+
+
+def prepare_tokenizer(tokenizer):
+    """Add the placeholders; left padding for generation; a pad token if the LLM has none."""
+    tokenizer.add_tokens(list(PLACEHOLDERS), special_tokens=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_model(cfg: ModelConfig, device=None, tokenizer=None) -> AffectGPT:
+    """Build the model of a config: weights by name, or random init from `cfg.arch` (seeded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = torch.device(device) if device is not None else default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(cfg.seed)  # random-init weights are a function of the seed
+    random_init = cfg.random_init or cfg.llm is None
+    if tokenizer is None:
+        if cfg.llm is not None:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.llm, padding_side="left")
+        else:
+            import data  # the corpus of the on-the-fly tokenizer: our lexicon and prompt templates
+            tokenizer = build_tokenizer(data.tokenizer_corpus(), cfg.tokenizer_vocab, cfg.seed)
+    tokenizer = prepare_tokenizer(tokenizer)
+    if random_init:
+        llm_arch = dict(cfg.arch["llm"])
+        if cfg.llm is None:
+            llm_arch["vocab_size"] = len(tokenizer)
+        llm = AutoModelForCausalLM.from_config(_hf_config(llm_arch), dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer))
+    llm.config.pad_token_id, llm.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    vision, family = _load_vision(cfg.vision, cfg.arch.get("vision"), random_init or cfg.vision is None, dtype)
+    audio = _load_audio(cfg.audio, cfg.arch.get("audio"), random_init or cfg.audio is None, dtype)
+    if cfg.train_llm == "lora":
+        llm.requires_grad_(False)
+        apply_lora(llm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    elif cfg.train_llm == "full":
+        llm.float().requires_grad_(True)  # full training keeps float32 master weights (bf16 autocast on GPU)
+    else:
+        raise ValueError(f"train_llm must be 'lora' or 'full', got {cfg.train_llm!r}")
+    model = AffectGPT(cfg, llm, vision, audio, tokenizer, family)
+    return model.to(device)
+
+
+def trainable_state_dict(model: AffectGPT) -> dict:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _frozen_state_dict(model: AffectGPT) -> dict:
+    """Every saved tensor that is not trained (tied weights appear under each of their names)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if id(t) not in trainable}
+
+
+def _save_tensors(tensors: dict, path: str):
+    # clone: tied weights share storage, which safetensors refuses
+    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, path)
+
+
+def save_model(model: AffectGPT, path: str):
+    """Write config.json, trainable.safetensors, tokenizer/ and, for random-init bases, base.safetensors."""
+    os.makedirs(path, exist_ok=True)
+    cfg = dataclasses.asdict(model.cfg)
+    cfg["lora_targets"] = list(cfg["lora_targets"])
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    _save_tensors(trainable_state_dict(model), os.path.join(path, "trainable.safetensors"))
+    if model.cfg.random_init or model.cfg.llm is None:
+        _save_tensors(_frozen_state_dict(model), os.path.join(path, "base.safetensors"))
+    model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+
+
+def _load_into(model: nn.Module, tensors: dict, expected: dict, file: str):
+    """Copy tensors into the model's parameters/buffers, refusing missing, unexpected or mis-shaped ones."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+           for k in sorted(set(tensors) & set(expected)) if tensors[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        lines = ([f"shape mismatch {b}" for b in bad[:10]] + [f"missing {k}" for k in missing[:10]]
+                 + [f"unexpected {k}" for k in unexpected[:10]])
+        raise ValueError(f"{file} does not fit the model built from its config.json ({len(bad)} shape mismatches, "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected tensors):\n  " + "\n  ".join(lines))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
+
+
+def load_model(path: str, device=None) -> AffectGPT:
+    """Rebuild a saved model: same encoders, LLM, LoRA, tokenizer; weights loaded and shape-checked."""
+    from transformers import AutoTokenizer
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path} is not a checkpoint (no config.json)")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    raw["lora_targets"] = tuple(raw["lora_targets"])
+    cfg = ModelConfig(**raw)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
+    model = build_model(cfg, device=device, tokenizer=tokenizer)
+    if cfg.random_init or cfg.llm is None:
+        file = os.path.join(path, "base.safetensors")
+        _load_into(model, load_file(file), _frozen_state_dict(model), file)
+    file = os.path.join(path, "trainable.safetensors")
+    _load_into(model, load_file(file), {n: p for n, p in model.named_parameters() if p.requires_grad}, file)
+    return model
+
+
+def count_parameters(model: AffectGPT) -> dict:
+    n = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa
+    return {"llm": n(model.llm), "vision": n(model.vision), "audio": n(model.audio),
+            "projector": n(model.projector), "trainable": n(model, True)}

@@ -1,0 +1,176 @@
+"""data.py: readers, media decoding, prompts and batches, and the synthetic benchmark."""
+
+import hashlib
+import json
+
+import av
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import data
+import model as M
+import reward
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(), vocab_size=640))
+
+
+def write_video(path, values, size=(48, 64)):
+    """Grey frames whose brightness is values[i]."""
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=8)
+    stream.height, stream.width = size
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "0"}
+    for v in values:
+        frame = av.VideoFrame.from_ndarray(np.full((*size, 3), v, np.uint8), format="rgb24")
+        for p in stream.encode(frame):
+            container.mux(p)
+    for p in stream.encode():
+        container.mux(p)
+    container.close()
+
+
+@pytest.mark.parametrize("total, n, want", [
+    (16, 8, [1, 3, 5, 7, 9, 11, 13, 15]),
+    (5, 3, [0, 2, 4]),
+    (3, 5, [0, 1, 2, 2, 2]),  # short clip: the last frame repeats
+    (1, 3, [0, 0, 0]),
+])
+def test_frame_indices(total, n, want):
+    assert data.frame_indices(total, n) == want
+
+
+def test_load_video_samples_and_resizes(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, [20 * i for i in range(5)])
+    frames = data.load_video(str(path), 3, 32)
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == torch.uint8
+    assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([0, 40, 80], abs=3)
+    frames = data.load_video(str(path), 8, 16)  # fewer frames than asked: the last one repeats
+    assert frames.float().mean(dim=(1, 2, 3))[-4:].tolist() == pytest.approx([80] * 4, abs=3)
+
+
+def test_resize_frames_centre_crops_the_longer_side():
+    img = np.zeros((1, 20, 40, 3), np.uint8)
+    img[:, :, 10:30] = 200  # the centre 20 columns are bright, the sides dark
+    out = data.resize_frames(img, 10)
+    assert out.shape == (1, 10, 10, 3)
+    assert out.float().mean() > 190
+
+
+def test_load_audio_mono_resampled_padded(tmp_path):
+    path = tmp_path / "a.wav"
+    stereo = np.stack([np.full(22050, 0.5), np.full(22050, 0.1)], axis=1)  # 0.5 s at 44.1 kHz
+    soundfile.write(path, stereo, 44100)
+    clips = data.load_audio(str(path), n_clips=2, clip_seconds=1.0)
+    assert clips.shape == (2, 16000)
+    assert torch.equal(clips[0], clips[1])  # shorter than one clip: both windows hold the padded audio
+    assert clips[0, 1000:7000].mean().item() == pytest.approx(0.3, abs=0.01)  # mono = mean of channels
+    assert clips[0, 8100:].abs().max().item() == 0.0  # zero padding after 0.5 s
+
+
+def test_audio_windows_spread_over_the_clip(tmp_path):
+    path = tmp_path / "ramp.wav"
+    soundfile.write(path, np.repeat(np.arange(3) * 0.25, 16000).astype(np.float32), 16000)
+    clips = data.load_audio(str(path), n_clips=3, clip_seconds=1.0)
+    assert clips.mean(1).tolist() == pytest.approx([0.0, 0.25, 0.5], abs=1e-4)
+
+
+def test_missing_and_corrupt_media_are_named(tmp_path):
+    (tmp_path / "video").mkdir()
+    (tmp_path / "audio").mkdir()
+    write_video(tmp_path / "video" / "good.mp4", [100] * 4)
+    soundfile.write(tmp_path / "audio" / "good.wav", np.zeros(8000), 16000)
+    (tmp_path / "video" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
+    soundfile.write(tmp_path / "audio" / "corrupt.wav", np.zeros(8000), 16000)
+    write_video(tmp_path / "video" / "nowav.mp4", [100] * 4)
+    clips = [data.Clip(n, "['happy']") for n in ("good", "corrupt", "nowav")]
+    args = (8, 32, 2, 1.0)
+    with pytest.raises(data.DataError, match=r"clip nowav: missing .*audio/nowav.wav"):
+        data.ClipDataset(str(tmp_path), clips, *args)
+    ds = data.ClipDataset(str(tmp_path), clips, *args, skip_bad=True)
+    assert [c.name for c in ds.clips] == ["good", "corrupt"] and list(ds.skipped) == ["nowav"]
+    with pytest.raises(data.DataError, match=r"clip corrupt: .*corrupt.mp4: cannot decode video"):
+        ds[1]
+    encode = lambda f, a: {"video": f.float().mean((2, 3)), "audio": a.mean(-1, keepdim=True)}  # noqa: E731
+    with pytest.raises(data.DataError, match="corrupt.mp4"):
+        data.encode_clips(ds, encode, progress=False)
+    feats = data.encode_clips(ds, encode, skip_bad=True, progress=False)
+    assert list(feats) == ["good"] and set(ds.skipped) == {"nowav", "corrupt"}
+
+
+def test_csv_errors_name_file_and_columns(tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_text("name,labels\na,happy\n")
+    with pytest.raises(data.DataError, match=r"train.csv: needs column 'openset'"):
+        data.read_split(str(tmp_path), "train")
+    bad.write_text("name,openset\na,happy,extra\n")
+    with pytest.raises(data.DataError, match=r"train.csv, line 2: expected 2 fields, got 3"):
+        data.read_split(str(tmp_path), "train")
+    bad.write_text("name,openset\na,happy\n")
+    with pytest.raises(data.DataError, match="think mode needs a reason"):
+        data.read_split(str(tmp_path), "train", need_reasons=True)
+    (tmp_path / "subtitle_chieng.csv").write_text("name,chinese,english\na,你好,hello there\n")
+    assert data.read_split(str(tmp_path), "train")[0].subtitle == "hello there"
+
+
+def test_prompt_and_masked_targets(tokenizer):
+    prompt = data.build_prompt(tokenizer, "I am so happy.", think=True)
+    assert prompt.count("<|fused|><|audio|><|video|>") == 1 and "I am so happy." in prompt
+    assert data.build_prompt(tokenizer, "x", n_tokens=2).count("<|fused|><|fused|><|audio|><|audio|>") == 1
+    clip = data.Clip("a", "['happy', 'excited']", "I am so happy.", "The voice is high.")
+    ex = data.tokenize_example(tokenizer, clip, think=True, n_tokens=1)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    assert tokenizer.decode(ex["input_ids"][n_prompt:]) == \
+        "<think>The voice is high.</think><answer>happy, excited</answer><|im_end|>"
+    no_think = data.tokenize_example(tokenizer, clip, think=False, n_tokens=1)
+    assert tokenizer.decode([t for t in no_think["labels"] if t != -100]) == \
+        "<answer>happy, excited</answer><|im_end|>"
+    batch = data.collate_train([ex, no_think], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][1].sum() == len(no_think["input_ids"])
+    assert (batch["labels"][1, len(no_think["input_ids"]):] == -100).all()
+    prompts = data.collate_prompts(tokenizer, ["a", "a much longer subtitle here"], True, 1)
+    assert prompts["attention_mask"][0, 0] == 0 and prompts["attention_mask"][:, -1].all()  # left padding
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    data.synthesize(str(out), n_train=30, n_test=10, seed=3, progress=False)
+    return out
+
+
+def test_synthetic_set_decodes_and_maps(synth):
+    lex = reward.load_lexicon("builtin")
+    meta = json.loads((synth / "synth.json").read_text())
+    train, test = data.read_split(str(synth), "train", need_reasons=True), data.read_split(str(synth), "test")
+    assert len(train) == 30 and len(test) == 10
+    ds = data.ClipDataset(str(synth), train + test, 8, 32, 2, 1.0)
+    with_video = next(i for i, c in enumerate(ds.clips) if meta["clips"][c.name]["video"])
+    item = ds[with_video]
+    assert item["frames"].shape == (8, 32, 32, 3) and item["audio"].shape == (2, 16000)
+    assert item["frames"].float().std() > 20  # a coloured disc on grey, not a blank frame
+    for clip in test:  # clean test labels name exactly the hidden sectors (wheel 1)
+        sectors = {reward.map_label(w, lex, 1) for w in reward.parse_labels(clip.labels)}
+        assert sectors == set(meta["clips"][clip.name]["sectors"]), clip.name
+        assert all(reward.map_label(w, lex, k) for w in reward.parse_labels(clip.labels) for k in range(1, 6))
+    assert all(c.reason and c.subtitle for c in train)
+
+
+def test_synthetic_set_is_reproducible(synth, tmp_path):
+    again = tmp_path / "again"
+    data.synthesize(str(again), n_train=30, n_test=10, seed=3, progress=False)
+    other = tmp_path / "other"
+    data.synthesize(str(other), n_train=30, n_test=10, seed=4, progress=False)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    for rel in ("train.csv", "test.csv", "reasons.csv", "video/synth_00007.mp4", "audio/synth_00007.wav"):
+        assert digest(synth / rel) == digest(again / rel), rel
+    assert digest(synth / "train.csv") != digest(other / "train.csv")

@@ -1,0 +1,238 @@
+"""model.py against independent references: the bare transformers LM, hand-built embeddings, direct log-softmax."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import model as M
+
+CORPUS = ["Please recognize all possible emotional states of the character.", "happy sad angry worried calm",
+          "<think>the voice is low</think><answer>sad, tired</answer>"] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return M.prepare_tokenizer(M.build_tokenizer(CORPUS, vocab_size=300, seed=0))
+
+
+def tiny(tokenizer, **overrides):
+    cfg = M.ModelConfig.from_preset("tiny", **overrides)
+    return M.build_model(cfg, device="cpu", tokenizer=copy.deepcopy(tokenizer)).eval()
+
+
+def bare_lm(model):
+    """The plain transformers LM with the same base weights (no LoRA, no media)."""
+    bare = AutoModelForCausalLM.from_config(model.llm.config).eval()
+    base = {k: v for k, v in model.llm.state_dict().items() if "lora_" not in k}
+    bare.load_state_dict(base)
+    return bare
+
+
+def media(batch=2, seed=0):
+    """Random encoder features of the tiny preset's sizes."""
+    arch, g = M.PRESETS["tiny"]["arch"], torch.Generator().manual_seed(seed)
+    return {"video": torch.randn(batch, 8, arch["vision"]["projection_dim"], generator=g),
+            "audio": torch.randn(batch, 2, arch["audio"]["hidden_size"], generator=g)}
+
+
+def prompts(tokenizer, texts, with_media=True):
+    texts = [("<|fused|><|audio|><|video|>" if with_media else "") + t for t in texts]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def randomise_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.llm.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def test_golden_no_media_prompt_matches_transformers(tokenizer):
+    model = tiny(tokenizer, train_llm="lora")  # LoRA B = 0 at init: must not change anything
+    bare = bare_lm(model)
+    enc = prompts(tokenizer, ["happy sad angry", "calm"], with_media=False)
+    with torch.no_grad():
+        ours = model(enc["input_ids"], enc["attention_mask"])
+        # the unpadded row 0 against transformers' own forward
+        ref = bare(enc["input_ids"][:1]).logits
+        assert torch.allclose(ours[:1], ref, atol=1e-5)
+        # the left-padded row 1 against transformers on the unpadded tokens
+        n = int(enc["attention_mask"][1].sum())
+        ref1 = bare(enc["input_ids"][1:, -n:]).logits
+        assert torch.allclose(ours[1:, -n:], ref1, atol=1e-5)
+
+
+def test_lora_disabled_equals_base_and_merge_equals_lora(tokenizer):
+    model = tiny(tokenizer, train_llm="lora")
+    bare = bare_lm(model)
+    randomise_lora(model)
+    enc = prompts(tokenizer, ["happy sad angry", "calm"], with_media=False)
+    with torch.no_grad():
+        lora = model(enc["input_ids"], enc["attention_mask"])
+        base = bare(enc["input_ids"][:1]).logits
+        assert not torch.allclose(lora[:1], base, atol=1e-3)  # the adapters do change the output
+        with model.adapters_disabled():
+            assert torch.allclose(model(enc["input_ids"], enc["attention_mask"])[:1], base, atol=1e-5)
+        assert torch.equal(model(enc["input_ids"], enc["attention_mask"]), lora)  # re-enabled afterwards
+        assert model.merge_lora() == 7 * model.llm.config.num_hidden_layers
+        assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
+        assert torch.allclose(model(enc["input_ids"], enc["attention_mask"]), lora, atol=1e-5)
+
+
+def test_lora_trains_only_adapters_and_projector(tokenizer):
+    model = tiny(tokenizer, train_llm="lora")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith("projector.") or "lora_" in n for n in names)
+    assert any("lora_A" in n for n in names)
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    model.train()
+    assert not model.vision.training and not model.audio.training and model.llm.training
+
+
+def test_placeholders_receive_exactly_the_projected_features(tokenizer):
+    model = tiny(tokenizer)
+    enc = prompts(tokenizer, ["happy", "sad angry calm"])
+    feats = media()
+    seen = {}
+    hook = model.llm.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(enc["input_ids"], enc["attention_mask"], feats)
+        hook.remove()
+        projected = model.projector(feats["video"], feats["audio"])  # (B, 3, D): fused, audio, video
+        table = model.llm.get_input_embeddings().weight
+    ids = enc["input_ids"]
+    for b in range(2):
+        for j, token in enumerate(M.PLACEHOLDERS):
+            pos = (ids[b] == tokenizer.convert_tokens_to_ids(token)).nonzero().item()
+            assert torch.equal(seen["embeds"][b, pos], projected[b, j])
+        text = ~torch.isin(ids[b], torch.tensor(model.placeholder_ids))
+        assert torch.equal(seen["embeds"][b, text], table[ids[b, text]])
+
+
+def test_placeholder_count_and_order_are_checked(tokenizer):
+    model = tiny(tokenizer)
+    with pytest.raises(ValueError, match="placeholder"):
+        bad = prompts(tokenizer, ["happy"], with_media=False)
+        bad["input_ids"][0, 0] = model.placeholder_ids[0]
+        model(bad["input_ids"], bad["attention_mask"], media(1))
+    swapped = tokenizer(["<|audio|><|fused|><|video|>x"], return_tensors="pt")
+    with pytest.raises(ValueError, match="order"):
+        model(swapped["input_ids"], swapped["attention_mask"], media(1))
+
+
+def test_left_padding_gives_the_same_logprobs(tokenizer):
+    model = tiny(tokenizer)
+    feats = media()
+    enc = prompts(tokenizer, ["happy", "sad angry calm worried happy"])
+    with torch.no_grad():
+        batch = torch.log_softmax(model(enc["input_ids"], enc["attention_mask"], feats), -1)
+        for b in range(2):
+            n = int(enc["attention_mask"][b].sum())
+            single = torch.log_softmax(model(enc["input_ids"][b:b + 1, -n:], enc["attention_mask"][b:b + 1, -n:],
+                                             {k: v[b:b + 1] for k, v in feats.items()}), -1)
+            assert torch.allclose(batch[b:b + 1, -n:], single, atol=1e-5)
+
+
+def test_batched_greedy_generation_equals_one_by_one(tokenizer):
+    model = tiny(tokenizer)
+    feats = media()
+    enc = prompts(tokenizer, ["happy", "sad angry calm worried happy"])
+    both = model.generate(enc["input_ids"], enc["attention_mask"], feats, max_new_tokens=12, greedy=True)
+    for b in range(2):
+        n = int(enc["attention_mask"][b].sum())
+        one = model.generate(enc["input_ids"][b:b + 1, -n:], enc["attention_mask"][b:b + 1, -n:],
+                             {k: v[b:b + 1] for k, v in feats.items()}, max_new_tokens=12, greedy=True)
+        assert torch.equal(both[b, :one.shape[1]], one[0])
+
+
+def test_generation_pads_after_eos(tokenizer):
+    model = tiny(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.no_grad():  # make EOS very likely so every row stops early
+        model.llm.get_output_embeddings().weight[eos] *= 0
+        model.llm.lm_head.bias = None
+    enc = prompts(tokenizer, ["happy", "sad"])
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(enc["input_ids"], enc["attention_mask"], media(), max_new_tokens=40, generator=g)
+    mask = M.completion_mask(out, eos)
+    assert torch.all((out == pad) | (mask == 1))  # after the first EOS there is only padding
+
+
+@pytest.mark.parametrize("tokens, mask", [
+    ([5, 6, 2, 0, 0], [1, 1, 1, 0, 0]),   # EOS (2) included
+    ([5, 6, 7, 8, 9], [1, 1, 1, 1, 1]),   # truncated: no EOS
+    ([2, 2, 2, 2, 2], [1, 0, 0, 0, 0]),   # pad == eos: only the first EOS counts
+    ([5, 2, 5, 2, 5], [1, 1, 0, 0, 0]),
+])
+def test_completion_mask(tokens, mask):
+    assert M.completion_mask(torch.tensor([tokens]), eos_id=2).tolist() == [mask]
+
+
+def test_sample_token_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    top2 = M.sample_token(logits, top_k=2, generator=g)
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = M.sample_token(logits, top_p=0.8, generator=g)  # 0.5 + 0.3 reaches 0.8: tokens 0 and 1
+    assert set(nucleus.tolist()) == {0, 1}
+    plain = M.sample_token(logits, generator=g)
+    freq = torch.bincount(plain, minlength=4).float() / len(plain)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    cold = M.sample_token(logits, temperature=0.05, generator=g)
+    assert (cold == 0).float().mean() > 0.99
+
+
+def test_token_logprobs_match_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, targets = torch.randn(3, 7, 16, generator=g), torch.randint(0, 50, (3, 7), generator=g)
+    want = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)
+    got = M.token_logprobs(hidden, head, targets, temperature=0.7, chunk=4)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("train_llm", ["lora", "full"])
+def test_checkpoint_round_trip(tokenizer, tmp_path, train_llm):
+    model = tiny(tokenizer, train_llm=train_llm)
+    randomise_lora(model)
+    with torch.no_grad():
+        model.projector.proj_fused.bias.add_(0.5)
+    enc = prompts(tokenizer, ["happy", "sad angry"])
+    feats = media()
+    with torch.no_grad():
+        want = model(enc["input_ids"], enc["attention_mask"], feats)
+    M.save_model(model, str(tmp_path / "ckpt"))
+    loaded = M.load_model(str(tmp_path / "ckpt"), device="cpu").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(enc["input_ids"], enc["attention_mask"], feats), want)
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+
+
+def test_wrong_shape_checkpoint_is_refused(tokenizer, tmp_path):
+    import json
+    model = tiny(tokenizer, train_llm="lora")
+    M.save_model(model, str(tmp_path / "ckpt"))
+    cfg_file = tmp_path / "ckpt" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["lora_r"] = 4
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"(?s)trainable.safetensors does not fit.*shape mismatch .*lora_A"):
+        M.load_model(str(tmp_path / "ckpt"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        M.load_model(str(tmp_path), device="cpu")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        M.ModelConfig.from_preset("huge")
+
+
+def test_named_presets_carry_real_shapes():
+    # public dimensions, so random_init builds real shapes without the hub
+    assert M.PRESETS["paper"]["arch"]["llm"]["hidden_size"] == 3584
+    assert M.PRESETS["qwen0.5b"]["arch"]["llm"]["num_hidden_layers"] == 24
+    assert M.PRESETS["paper"]["arch"]["vision"]["projection_dim"] == 768
