@@ -32,12 +32,13 @@ layout. Its generative process, which is what makes "RL beats SFT on EW-F" testa
 4. Labels: 1-2 surface words per sector. Training labels are noisy like human/LLM annotations: with
    probability 0.15 a spurious word of another sector is added, with probability 0.15 (clips with 2+ sectors)
    the words of one sector are missing. Test labels are clean.
-5. Reasons: a short templated description naming the cues and the emotion each suggests (the words of the
-   sectors actually evidenced), then the label words.
+5. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
+   the sector each cue evidences), e.g. "The face shows red (angry); the voice is high (scared).".
 """
 
 import argparse
 import collections
+import copy
 import csv
 import json
 import math
@@ -252,6 +253,12 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.clips)
 
+    def subset(self, clips) -> "ClipDataset":
+        """The same dataset settings over other clips (already checked)."""
+        other = copy.copy(self)
+        other.clips, other.skipped = list(clips), {}
+        return other
+
     def __getitem__(self, i):
         clip = self.clips[i]
         visual, audio = media_paths(self.root, clip.name, self.use_faces)
@@ -442,13 +449,13 @@ def _synth_clip(rng: np.random.Generator, pools: dict, train: bool) -> dict:
                 else str(rng.choice(NEUTRAL_SUBTITLES)))
     parts = []
     if video:
-        parts.append("the face shows " + " and ".join(f"{COLOUR_NAMES[s]} ({words.get(s, [cue])[0]})"
+        parts.append("the face shows " + " and ".join(f"{COLOUR_NAMES[s]} ({words[s][0]})"
                                                       for s in video))
     if audio:
         parts.append("the voice is " + " and ".join(f"{PITCH_NAMES[s]} ({words[s][0]})" for s in audio))
     if text:
         parts.append(f"the words say {cue}")
-    reason = "; ".join(parts).capitalize() + ". So: " + ", ".join(labels) + "."
+    reason = ("; ".join(parts) or "no clear emotional cue").capitalize() + "."
     return {"sectors": [sectors[s] for s in chosen], "video": video, "audio": audio, "text": text,
             "misleading": misleading, "distractor": distractor, "labels": labels, "subtitle": subtitle,
             "reason": reason}
@@ -543,7 +550,7 @@ def tokenizer_corpus() -> list:
     words = sorted(lex.synonyms)
     texts = [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
     texts += CUE_TEMPLATES + NEUTRAL_SUBTITLES + COLOUR_NAMES + PITCH_NAMES
-    texts += ["the face shows", "the voice is", "the words say", "So:"]
+    texts += ["the face shows", "the voice is", "the words say", "no clear emotional cue"]
     texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
     pool_words = sorted({w for ws in pools.values() for w in ws})
     texts += [f"{w}, {v}" for w in pool_words for v in pool_words]  # label words become single tokens

@@ -209,8 +209,23 @@ class Projector(nn.Module):
         self.proj_fused = nn.Linear(width, n_tokens * d_llm)
         self.proj_audio = nn.Linear(d_audio, n_tokens * d_llm)
         self.proj_video = nn.Linear(d_video, n_tokens * d_llm)
+        # per-dimension statistics of the frozen features over the training set (set once by the first stage):
+        # random and pretrained encoders alike put most of a feature's norm in a direction shared by every clip
+        for name, dim in (("video", d_video), ("audio", d_audio)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_feature_stats(self, video: torch.Tensor, audio: torch.Tensor):
+        """Standardise with these features' statistics: video (N, T, Dv), audio (N, C, Da)."""
+        for name, x in (("video", video), ("audio", audio)):
+            x = x.flatten(0, -2).float()
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp(min=1e-4))
 
     def forward(self, video, audio):  # (B, N, Dv), (B, C, Da) -> (B, 3 * n_tokens, d_llm)
+        video = (video - self.video_mean) / self.video_std
+        audio = (audio - self.audio_mean) / self.audio_std
         v, a = self.pool_video(video), self.pool_audio(audio)
         cv, ca = self.common_video(v), self.common_audio(a)
         w = torch.softmax(self.fusion(torch.cat([cv, ca], dim=-1)), dim=-1)  # (B, 2)
@@ -323,9 +338,17 @@ class AffectGPT(nn.Module):
                                   position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, input_ids, attention_mask, media=None):
-        """Logits (B, T, V)."""
-        return self.llm.get_output_embeddings()(self.hidden_states(input_ids, attention_mask, media))
+    def forward(self, input_ids, attention_mask, media=None, targets=None, temperature=1.0):
+        """Logits (B, T, V); or, given `targets` (B, T) -- the token each position should predict, -100 where
+        nothing is scored -- the float32 log-probs of those tokens under logits / temperature (0 where -100).
+        Only the scored positions go through the LM head, so prompts cost no vocabulary-sized work."""
+        hidden = self.hidden_states(input_ids, attention_mask, media)
+        head = self.llm.get_output_embeddings()
+        if targets is None:
+            return head(hidden)
+        keep = targets != -100
+        picked = token_logprobs(hidden[keep], head, targets[keep], temperature)
+        return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
 
     @contextlib.contextmanager
     def adapters_disabled(self):
@@ -382,6 +405,21 @@ class AffectGPT(nn.Module):
         return torch.stack(tokens, dim=1)
 
 
+    def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, **sampling) -> list:
+        """Completions (text) for clips given their subtitles and encoder features, in batches; `sampling`
+        goes to generate (greedy=True, or temperature / top_p / top_k / generator)."""
+        import data  # the one prompt builder of every stage
+        texts = []
+        for i in range(0, len(subtitles), batch_size):
+            batch = data.collate_prompts(self.tokenizer, subtitles[i:i + batch_size], think, self.cfg.n_tokens)
+            part = {k: v[i:i + batch_size] for k, v in media.items()}
+            with self.autocast():
+                tokens = self.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                       part, max_new_tokens=max_new_tokens, **sampling)
+            texts += self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return texts
+
+
 def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     """One token per row from softmax(logits / T), with optional top-k and nucleus (top-p) cuts."""
     logits = logits.float() / temperature
@@ -406,14 +444,16 @@ def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def token_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 1024) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / T)[target] in float32, by chunks of rows so that no float32 (B, T, V)
-    tensor is materialised. hidden (B, T, D), targets (B, T) -> (B, T)."""
-    flat_h, flat_t = hidden.flatten(0, 1), targets.flatten()
+    """log softmax(lm_head(hidden) / T)[target] in float32, by chunks of rows so that no float32 (N, V) tensor
+    larger than (chunk, V) is materialised. hidden (..., D), targets (...) -> (...)."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     out = []
     for i in range(0, flat_h.shape[0], chunk):
         logits = lm_head(flat_h[i:i + chunk]).float() / temperature  # (chunk, V)
         picked = logits.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1)
         out.append(picked - logits.logsumexp(-1))
+    if not out:
+        return hidden.new_zeros(targets.shape, dtype=torch.float32)
     return torch.cat(out).view(targets.shape)
 
 
@@ -528,13 +568,17 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None) -> AffectGPT:
 
 
 def trainable_state_dict(model: AffectGPT) -> dict:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """What training changes: the trainable parameters and the projector's feature statistics."""
+    out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    out.update({f"projector.{n}": b for n, b in model.projector.named_buffers()})
+    return out
 
 
 def _frozen_state_dict(model: AffectGPT) -> dict:
-    """Every saved tensor that is not trained (tied weights appear under each of their names)."""
+    """Every other saved tensor (tied weights appear under each of their names)."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    return {n: t for n, t in model.state_dict(keep_vars=True).items() if id(t) not in trainable}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items()
+            if id(t) not in trainable and not n.startswith("projector.")}
 
 
 def _save_tensors(tensors: dict, path: str):
@@ -587,7 +631,9 @@ def load_model(path: str, device=None) -> AffectGPT:
         file = os.path.join(path, "base.safetensors")
         _load_into(model, load_file(file), _frozen_state_dict(model), file)
     file = os.path.join(path, "trainable.safetensors")
-    _load_into(model, load_file(file), {n: p for n, p in model.named_parameters() if p.requires_grad}, file)
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected.update({f"projector.{n}": b for n, b in model.projector.named_buffers()})
+    _load_into(model, load_file(file), expected, file)
     return model
 
 

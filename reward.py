@@ -496,6 +496,17 @@ def score_completion(text: str, gt, lex: Lexicon, think: bool = True, penalty: s
     return out
 
 
+def summarize_completions(completions: dict, gts: dict, lex: Lexicon, think: bool = True, level: int = 1) -> dict:
+    """Dataset view of model outputs: EW metric of the <answer> labels (missing answer tag -> no labels), the
+    fraction in the strict format, and the mean number of distinct answer labels. Keys are namespaced eval/."""
+    answers = {name: extract_answer(completions[name]) for name in gts}
+    ew = ew_metric(answers, gts, lex, level)
+    n = max(1, len(gts))
+    return {"eval/ew_f": ew["fscore"], "eval/ew_precision": ew["precision"], "eval/ew_recall": ew["recall"],
+            "eval/format_rate": sum(format_ok(completions[k], think) for k in gts) / n,
+            "eval/n_labels": sum(len(set(a)) for a in answers.values()) / n}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Transparency: explain a label or a completion
 

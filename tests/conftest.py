@@ -37,3 +37,12 @@ def parity_cases(shared) -> dict:
     if not path.is_file():
         pytest.skip(f"needs the parity cases {path}")
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A small synthetic OV-MER benchmark (48 train, 16 test clips), made once per test session."""
+    import data
+    out = tmp_path_factory.mktemp("synth_small")
+    data.synthesize(str(out), n_train=48, n_test=16, seed=0, progress=False)
+    return out

@@ -203,6 +203,7 @@ def test_checkpoint_round_trip(tokenizer, tmp_path, train_llm):
         model.projector.proj_fused.bias.add_(0.5)
     enc = prompts(tokenizer, ["happy", "sad angry"])
     feats = media()
+    model.projector.set_feature_stats(feats["video"] * 3 + 1, feats["audio"] - 2)  # buffers must travel too
     with torch.no_grad():
         want = model(enc["input_ids"], enc["attention_mask"], feats)
     M.save_model(model, str(tmp_path / "ckpt"))
@@ -236,3 +237,29 @@ def test_named_presets_carry_real_shapes():
     assert M.PRESETS["paper"]["arch"]["llm"]["hidden_size"] == 3584
     assert M.PRESETS["qwen0.5b"]["arch"]["llm"]["num_hidden_layers"] == 24
     assert M.PRESETS["paper"]["arch"]["vision"]["projection_dim"] == 768
+
+
+def test_forward_with_targets_scores_only_the_given_positions(tokenizer):
+    model = tiny(tokenizer)
+    enc = prompts(tokenizer, ["happy", "sad angry calm"])
+    feats = media()
+    targets = torch.full_like(enc["input_ids"], -100)
+    targets[:, -3:-1] = enc["input_ids"][:, -2:]  # score the last two tokens
+    with torch.no_grad():
+        want = torch.log_softmax(model(enc["input_ids"], enc["attention_mask"], feats).double() / 0.7, -1)
+        got = model(enc["input_ids"], enc["attention_mask"], feats, targets=targets, temperature=0.7)
+    assert (got[targets == -100] == 0).all()
+    picked = want[:, -3:-1].gather(-1, enc["input_ids"][:, -2:, None]).squeeze(-1)
+    assert torch.allclose(got[:, -3:-1].double(), picked, atol=1e-5)
+
+
+def test_feature_statistics_standardise_the_projector_inputs(tokenizer):
+    model = tiny(tokenizer)
+    feats = media(batch=64)
+    shifted = {"video": feats["video"] * 5 + 3, "audio": feats["audio"] * 0.1 - 7}
+    model.projector.set_feature_stats(shifted["video"], shifted["audio"])
+    with torch.no_grad():  # standardised inputs: the shifted features give what unit features give unshifted
+        a = model.projector(shifted["video"], shifted["audio"])
+        model.projector.set_feature_stats(feats["video"], feats["audio"])
+        b = model.projector(feats["video"], feats["audio"])
+    assert torch.allclose(a, b, atol=1e-4)
