@@ -80,6 +80,15 @@ def all_reduce_max(value: float, device) -> float:
     return t.item()
 
 
+def global_batch(n_examples: int, batch_size: int, step: int, seed: int) -> list:
+    """Example indices of optimiser step `step`: epochs are seeded permutations cut into whole batches, so the
+    data order is a pure function of (seed, step) and a resumed run sees exactly what it would have seen."""
+    per_epoch = n_examples // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[i * batch_size:(i + 1) * batch_size].tolist()
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -31,7 +31,7 @@ layout. Its generative process, which is what makes "RL beats SFT on EW-F" testa
    dim disc, or a quiet tone) of a sector the clip does not carry is added.
 4. Labels: 1-2 surface words per sector. Training labels are noisy like human/LLM annotations: with
    probability 0.15 a spurious word of another sector is added, with probability 0.15 (clips with 2+ sectors)
-   the words of one sector are missing. Test labels are clean.
+   the words of one sector are missing. Validation and test labels are clean.
 5. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
    the sector each cue evidences), e.g. "The face shows red (angry); the voice is high (scared).".
 """
@@ -510,15 +510,17 @@ def _labels_string(labels) -> str:
     return "[" + ", ".join(f"'{w}'" for w in labels) + "]"
 
 
-def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True) -> dict:
-    """Write the synthetic benchmark in the official layout; returns a summary. Same seed -> same files."""
+def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True,
+               n_val: int = 0) -> dict:
+    """Write the synthetic benchmark in the official layout; returns a summary. Same seed -> same files.
+    Splits: train (noisy labels), val (clean; only when n_val > 0) and test (clean)."""
     from tqdm import tqdm
     pools = synth_sectors()
     os.makedirs(os.path.join(out, "video"), exist_ok=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    rows = {"train": [], "test": []}
+    rows = {"train": [], "val": [], "test": []}
     reasons, subtitles, meta = [], [], {}
-    splits = ["train"] * n_train + ["test"] * n_test
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     for i, split in enumerate(tqdm(splits, desc="synthesize", disable=not progress, leave=False)):
         rng = np.random.default_rng([seed, i])  # one stream per clip: order-independent and reproducible
         name = f"synth_{i:05d}"
@@ -530,17 +532,17 @@ def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, p
         subtitles.append((name, c["subtitle"]))
         meta[name] = {k: c[k] for k in ("sectors", "video", "audio", "text", "misleading", "distractor")}
         meta[name]["split"] = split
-    for filename, header, data in (("train.csv", ("name", "openset"), rows["train"]),
-                                   ("test.csv", ("name", "openset"), rows["test"]),
-                                   ("reasons.csv", ("name", "reason"), reasons),
-                                   ("subtitles.csv", ("name", "english"), subtitles)):
+    tables = [(f"{split}.csv", ("name", "openset"), rows[split]) for split in ("train", "val", "test")
+              if rows[split] or split != "val"]
+    tables += [("reasons.csv", ("name", "reason"), reasons), ("subtitles.csv", ("name", "english"), subtitles)]
+    for filename, header, table in tables:
         with open(os.path.join(out, filename), "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
-            w.writerows(data)
+            w.writerows(table)
     with open(os.path.join(out, "synth.json"), "w") as f:
         json.dump({"seed": seed, "sectors": pools, "clips": meta}, f, indent=1)
-    return {"out": out, "n_train": n_train, "n_test": n_test, "sectors": list(pools)}
+    return {"out": out, "n_train": n_train, "n_val": n_val, "n_test": n_test, "sectors": list(pools)}
 
 
 def tokenizer_corpus() -> list:
@@ -548,9 +550,10 @@ def tokenizer_corpus() -> list:
     lex = load_lexicon("builtin")
     pools = synth_sectors(lex)
     words = sorted(lex.synonyms)
-    texts = [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
-    texts += CUE_TEMPLATES + NEUTRAL_SUBTITLES + COLOUR_NAMES + PITCH_NAMES
-    texts += ["the face shows", "the voice is", "the words say", "no clear emotional cue"]
+    # the fixed parts of every prompt and target are repeated so that they become a few tokens each
+    texts = 50 * [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
+    texts += 10 * (CUE_TEMPLATES + NEUTRAL_SUBTITLES + COLOUR_NAMES + PITCH_NAMES)
+    texts += 50 * ["The face shows", "the voice is", "the words say", "No clear emotional cue"]
     texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
     pool_words = sorted({w for ws in pools.values() for w in ws})
     texts += [f"{w}, {v}" for w in pool_words for v in pool_words]  # label words become single tokens
@@ -564,13 +567,15 @@ def main(argv=None):
     s = sub.add_parser("synth", help="write the synthetic OV-MER benchmark in the official layout")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-train", type=int, default=800)
+    s.add_argument("--n-val", type=int, default=100, help="clean validation clips (0: no val.csv)")
     s.add_argument("--n-test", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.n_train < 0 or args.n_test < 0 or args.n_train + args.n_test == 0:
-        sys.exit("error: --n-train and --n-test must be >= 0 and not both 0")
-    summary = synthesize(args.out, args.n_train, args.n_test, args.seed)
-    print(f"wrote {summary['n_train']} train and {summary['n_test']} test clips to {summary['out']} "
+    if min(args.n_train, args.n_val, args.n_test) < 0 or args.n_train + args.n_val + args.n_test == 0:
+        sys.exit("error: --n-train, --n-val and --n-test must be >= 0 and not all 0")
+    summary = synthesize(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val)
+    print(f"wrote {summary['n_train']} train, {summary['n_val']} val and {summary['n_test']} test clips to "
+          f"{summary['out']} "
           f"(sectors: {', '.join(summary['sectors'])})")
 
 

@@ -80,7 +80,7 @@ _TINY = {
 
 PRESETS = {
     "tiny": dict(llm=None, vision=None, audio=None, arch=_TINY, random_init=True, train_llm="full",
-                 n_frames=8, audio_clips=2, clip_seconds=1.0, fusion_width=64, tokenizer_vocab=640),
+                 n_frames=8, audio_clips=2, clip_seconds=1.0, fusion_width=64, tokenizer_vocab=1024),
     "qwen0.5b": dict(llm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224",
                      audio="facebook/hubert-base-ls960",
                      arch={"llm": _QWEN_05B, "vision": _SIGLIP_BASE, "audio": _HUBERT_BASE}),
@@ -109,7 +109,7 @@ class ModelConfig:
     audio_clips: int = 8          # audio clips per clip (paper: 8 x 2 s)
     clip_seconds: float = 2.0
     fusion_width: int = 256
-    tokenizer_vocab: int = 640    # size of the on-the-fly tokenizer (random-init LLM without a name only)
+    tokenizer_vocab: int = 1024   # size of the on-the-fly tokenizer (random-init LLM without a name only)
     seed: int = 0
 
     @staticmethod
@@ -345,10 +345,13 @@ class AffectGPT(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, media)
         head = self.llm.get_output_embeddings()
         if targets is None:
-            return head(hidden)
+            return head(hidden).index_fill(-1, self._banned(hidden.device), float("-inf"))
         keep = targets != -100
-        picked = token_logprobs(hidden[keep], head, targets[keep], temperature)
+        picked = token_logprobs(hidden[keep], head, targets[keep], temperature, banned=self.placeholder_ids)
         return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+
+    def _banned(self, device):
+        return torch.tensor(self.placeholder_ids, device=device)
 
     @contextlib.contextmanager
     def adapters_disabled(self):
@@ -376,21 +379,31 @@ class AffectGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media, max_new_tokens=128, temperature=1.0, top_p=1.0,
-                 top_k=0, greedy=False, generator=None) -> torch.Tensor:
-        """Sample completions for left-padded prompts. Returns (B, L) token ids; after a row's first EOS every
-        token is pad. Sampling draws from softmax(logits / temperature), optionally cut by top_k / top_p."""
+                 top_k=0, greedy=False, generator=None, return_stats=False):
+        """Sample completions for left-padded prompts: (B, L) token ids, pad after each row's first EOS.
+
+        Sampling draws from softmax(logits / temperature), optionally cut by top_k / top_p. With return_stats,
+        also returns the log-probs of the drawn tokens under softmax(logits / temperature) and the entropy of
+        that distribution, both (B, L) float32 and 0 after the first EOS (GRPO logs and tests them)."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1]
+        # NOTE: the policy never emits a media placeholder: those logits are -inf here and in every scoring pass
+        banned = self._banned(input_ids.device)
+        cache, logits = out.cache, out.logits[:, -1].index_fill(-1, banned, float("-inf"))
         next_pos = position_ids[:, -1:] + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tokens = []
+        tokens, logps, entropies = [], [], []
         for _ in range(max_new_tokens):
             tok = logits.float().argmax(-1) if greedy else sample_token(logits, temperature, top_p, top_k,
                                                                          generator)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
+            if return_stats:
+                logp_all = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), -1)
+                logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
+                plogp = (logp_all.exp() * logp_all).nan_to_num(0.0)  # 0 * log 0 = 0 for banned tokens
+                entropies.append(-plogp.sum(-1).masked_fill(done, 0.0))
             tokens.append(tok)
             done |= tok == eos
             if bool(done.all()):
@@ -398,12 +411,14 @@ class AffectGPT(nn.Module):
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
             out = self.llm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
                            cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
+            cache, logits = out.cache, out.logits[:, -1].index_fill(-1, banned, float("-inf"))
             next_pos = next_pos + 1
-        if not tokens:
-            return input_ids.new_zeros(input_ids.shape[0], 0)
-        return torch.stack(tokens, dim=1)
-
+        B = input_ids.shape[0]
+        stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(B, 0, dtype=dtype,  # noqa: E731
+                                                                            device=input_ids.device)
+        if not return_stats:
+            return stack(tokens, torch.long)
+        return stack(tokens, torch.long), stack(logps, torch.float32), stack(entropies, torch.float32)
 
     def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, **sampling) -> list:
         """Completions (text) for clips given their subtitles and encoder features, in batches; `sampling`
@@ -443,13 +458,17 @@ def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 1024) -> torch.Tensor:
+                   chunk: int = 1024, banned=()) -> torch.Tensor:
     """log softmax(lm_head(hidden) / T)[target] in float32, by chunks of rows so that no float32 (N, V) tensor
-    larger than (chunk, V) is materialised. hidden (..., D), targets (...) -> (...)."""
+    larger than (chunk, V) is materialised; `banned` token ids get probability 0. hidden (..., D), targets (...)
+    -> (...)."""
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    banned = torch.tensor(list(banned), dtype=torch.long, device=hidden.device)
     out = []
     for i in range(0, flat_h.shape[0], chunk):
         logits = lm_head(flat_h[i:i + chunk]).float() / temperature  # (chunk, V)
+        if len(banned):
+            logits = logits.index_fill(-1, banned, float("-inf"))
         picked = logits.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1)
         out.append(picked - logits.logsumexp(-1))
     if not out:
@@ -503,7 +522,7 @@ def build_tokenizer(texts, vocab_size: int, seed: int = 0):
     import random
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    texts = sorted(set(texts))
+    texts = list(texts)  # repetitions count: frequent phrases become few tokens
     random.Random(seed).shuffle(texts)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -630,6 +649,11 @@ def load_model(path: str, device=None) -> AffectGPT:
     if cfg.random_init or cfg.llm is None:
         file = os.path.join(path, "base.safetensors")
         _load_into(model, load_file(file), _frozen_state_dict(model), file)
+    return load_trainable(model, path)
+
+
+def load_trainable(model: AffectGPT, path: str) -> AffectGPT:
+    """Load a checkpoint's trainable.safetensors into a model of the same shape (e.g. to resume)."""
     file = os.path.join(path, "trainable.safetensors")
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     expected.update({f"projector.{n}": b for n, b in model.projector.named_buffers()})

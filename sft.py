@@ -59,6 +59,7 @@ class Args:
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example (targets are cut, not prompts)"})
     synth_train: int = field(default=800, metadata={"help": "clips of the default synthetic train split"})
+    synth_val: int = field(default=100, metadata={"help": "clips of the default synthetic val split"})
     synth_test: int = field(default=200, metadata={"help": "clips of the default synthetic test split"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the default synthetic benchmark"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
@@ -79,7 +80,7 @@ class Args:
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (0: end only)"})
     eval_samples: int = field(default=64, metadata={"help": "held-out clips generated greedily at evaluation"})
-    max_new_tokens: int = field(default=96, metadata={"help": "generation length at evaluation"})
+    max_new_tokens: int = field(default=80, metadata={"help": "generation length at evaluation"})
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: end only)"})
     keep_last: int = field(default=2, metadata={"help": "step checkpoints kept"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/latest"})
@@ -108,14 +109,6 @@ def check_args(args: Args):
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def global_batch(n_examples: int, batch_size: int, step: int, seed: int) -> list:
-    """Example indices of optimiser step `step`: epochs are seeded permutations, cut into whole batches."""
-    per_epoch = n_examples // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[i * batch_size:(i + 1) * batch_size].tolist()
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -213,7 +206,7 @@ def main(args: Args):
     if args.data is None and not os.path.isfile(os.path.join(root, "train.csv")):
         if d.main:
             say(f"creating the synthetic benchmark in {root}")
-            data.synthesize(root, args.synth_train, args.synth_test, args.synth_seed)
+            data.synthesize(root, args.synth_train, args.synth_test, args.synth_seed, n_val=args.synth_val)
         common.barrier()
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such folder")
@@ -296,7 +289,7 @@ def main(args: Args):
     step, t_last, tokens_seen = start, time.time(), 0
     bar = tqdm(total=total, initial=start, desc="sft", disable=not d.main, dynamic_ncols=True)
     while step < total:
-        idx = global_batch(len(train_ex), args.batch_size, step, args.seed)[d.rank::d.world]
+        idx = common.global_batch(len(train_ex), args.batch_size, step, args.seed)[d.rank::d.world]
         examples, names = [train_ex[i] for i in idx], [train_clips[i].name for i in idx]
         n_tokens = sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
         (global_tokens,) = common.all_reduce_sum([n_tokens], d.device)

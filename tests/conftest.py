@@ -41,8 +41,8 @@ def parity_cases(shared) -> dict:
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
-    """A small synthetic OV-MER benchmark (48 train, 16 test clips), made once per test session."""
+    """A small synthetic OV-MER benchmark (48 train, 8 val, 16 test clips), made once per test session."""
     import data
     out = tmp_path_factory.mktemp("synth_small")
-    data.synthesize(str(out), n_train=48, n_test=16, seed=0, progress=False)
+    data.synthesize(str(out), n_train=48, n_test=16, seed=0, progress=False, n_val=8)
     return out

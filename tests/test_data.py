@@ -16,7 +16,7 @@ import reward
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(), vocab_size=640))
+    return M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(), vocab_size=1024))
 
 
 def write_video(path, values, size=(48, 64)):

@@ -42,6 +42,12 @@ def prompts(tokenizer, texts, with_media=True):
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
+def visible(logits, model):
+    """Logits without the media-placeholder columns (which our model pins to -inf: it never emits them)."""
+    keep = [i for i in range(logits.shape[-1]) if i not in model.placeholder_ids]
+    return logits[..., keep]
+
+
 def randomise_lora(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -56,13 +62,14 @@ def test_golden_no_media_prompt_matches_transformers(tokenizer):
     enc = prompts(tokenizer, ["happy sad angry", "calm"], with_media=False)
     with torch.no_grad():
         ours = model(enc["input_ids"], enc["attention_mask"])
+        assert torch.isneginf(ours[..., model.placeholder_ids]).all()
         # the unpadded row 0 against transformers' own forward
         ref = bare(enc["input_ids"][:1]).logits
-        assert torch.allclose(ours[:1], ref, atol=1e-5)
+        assert torch.allclose(visible(ours[:1], model), visible(ref, model), atol=1e-5)
         # the left-padded row 1 against transformers on the unpadded tokens
         n = int(enc["attention_mask"][1].sum())
         ref1 = bare(enc["input_ids"][1:, -n:]).logits
-        assert torch.allclose(ours[1:, -n:], ref1, atol=1e-5)
+        assert torch.allclose(visible(ours[1:, -n:], model), visible(ref1, model), atol=1e-5)
 
 
 def test_lora_disabled_equals_base_and_merge_equals_lora(tokenizer):
@@ -71,15 +78,16 @@ def test_lora_disabled_equals_base_and_merge_equals_lora(tokenizer):
     randomise_lora(model)
     enc = prompts(tokenizer, ["happy sad angry", "calm"], with_media=False)
     with torch.no_grad():
-        lora = model(enc["input_ids"], enc["attention_mask"])
-        base = bare(enc["input_ids"][:1]).logits
+        lora = visible(model(enc["input_ids"], enc["attention_mask"]), model)
+        base = visible(bare(enc["input_ids"][:1]).logits, model)
         assert not torch.allclose(lora[:1], base, atol=1e-3)  # the adapters do change the output
         with model.adapters_disabled():
-            assert torch.allclose(model(enc["input_ids"], enc["attention_mask"])[:1], base, atol=1e-5)
-        assert torch.equal(model(enc["input_ids"], enc["attention_mask"]), lora)  # re-enabled afterwards
+            disabled = visible(model(enc["input_ids"], enc["attention_mask"]), model)
+            assert torch.allclose(disabled[:1], base, atol=1e-5)
+        assert torch.equal(visible(model(enc["input_ids"], enc["attention_mask"]), model), lora)  # re-enabled
         assert model.merge_lora() == 7 * model.llm.config.num_hidden_layers
         assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
-        assert torch.allclose(model(enc["input_ids"], enc["attention_mask"]), lora, atol=1e-5)
+        assert torch.allclose(visible(model(enc["input_ids"], enc["attention_mask"]), model), lora, atol=1e-5)
 
 
 def test_lora_trains_only_adapters_and_projector(tokenizer):
@@ -245,7 +253,7 @@ def test_forward_with_targets_scores_only_the_given_positions(tokenizer):
     feats = media()
     targets = torch.full_like(enc["input_ids"], -100)
     targets[:, -3:-1] = enc["input_ids"][:, -2:]  # score the last two tokens
-    with torch.no_grad():
+    with torch.no_grad():  # placeholders have logit -inf: probability 0 in both
         want = torch.log_softmax(model(enc["input_ids"], enc["attention_mask"], feats).double() / 0.7, -1)
         got = model(enc["input_ids"], enc["attention_mask"], feats, targets=targets, temperature=0.7)
     assert (got[targets == -100] == 0).all()
@@ -263,3 +271,13 @@ def test_feature_statistics_standardise_the_projector_inputs(tokenizer):
         model.projector.set_feature_stats(feats["video"], feats["audio"])
         b = model.projector(feats["video"], feats["audio"])
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_the_policy_never_emits_a_placeholder(tokenizer):
+    model = tiny(tokenizer)
+    with torch.no_grad():  # make the placeholders the most likely tokens by far
+        model.llm.get_output_embeddings().weight[model.placeholder_ids] *= 500
+    enc = prompts(tokenizer, ["happy", "sad"])
+    out = model.generate(enc["input_ids"], enc["attention_mask"], media(), max_new_tokens=30,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape[1] > 0 and not torch.isin(out, torch.tensor(model.placeholder_ids)).any()

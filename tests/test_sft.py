@@ -33,7 +33,7 @@ def metrics(out):
 
 
 def test_loss_counts_only_target_tokens():
-    tok = M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(), 640))
+    tok = M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(), 1024))
     model = M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu", tokenizer=copy.deepcopy(tok)).eval()
     clips = [data.Clip("a", "['happy', 'excited']", "I am thrilled.", "The voice is high."),
              data.Clip("b", "['sad']", "", "The face is blue.")]
@@ -118,7 +118,7 @@ def test_resume_equals_uninterrupted(synth_data, tmp_path):
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--preset", "huge"], "--preset 'huge': choose one of"),
     (["--train_llm", "half"], "--train_llm 'half': choose lora or full"),
-    (["--batch_size", "1000"], "--batch_size 1000 must be a multiple of the 1 ranks and at most the 40"),
+    (["--batch_size", "1000"], "--batch_size 1000 must be a multiple of the 1 ranks and at most the 48"),
     (["--resume"], "has no checkpoint"),
     (["--init", "/nonexistent/ckpt"], "--init /nonexistent/ckpt: no such checkpoint"),
 ])
