@@ -48,8 +48,9 @@ def setup_dist(device: str | None = None) -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-        # share the CPU cores between the ranks instead of each rank taking them all
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if world > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # share the CPU cores between the ranks instead of each rank taking them all
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return Dist(rank, local_rank, world, dev)

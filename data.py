@@ -29,9 +29,12 @@ layout. Its generative process, which is what makes "RL beats SFT on EW-F" testa
    cue is MISLEADING (a word of a sector the clip does not carry) and the clip's text sector moves to video.
    Clips without a text sector get a neutral sentence. With probability 0.2 a faint distractor (a small
    dim disc, or a quiet tone) of a sector the clip does not carry is added.
-4. Labels: 1-2 surface words per sector. Training labels are noisy like human/LLM annotations: with
-   probability 0.15 a spurious word of another sector is added, with probability 0.15 (clips with 2+ sectors)
-   the words of one sector are missing. Validation and test labels are clean.
+4. Labels: 1-2 surface words per sector. The train split (the SFT data, like the model-led MER-Caption+)
+   is annotated the way an LLM captioner annotates: it hedges, adding a word of the "scared" sector ("perhaps
+   a little worried") to half the clips that do not carry it; it misses 60% of the emotions that only the
+   voice carries; now and then it drops any one emotion (10%) or adds another spurious one (10%); its
+   descriptions follow its labels. The rl (the GRPO data, like the human-checked MER2025-OV), val and test
+   splits are annotated cleanly.
 5. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
    the sector each cue evidences), e.g. "The face shows red (angry); the voice is high (scared).".
 """
@@ -105,7 +108,8 @@ def read_column(path: str, column, optional=False) -> dict:
 
 
 def find_subtitles(root: str) -> str | None:
-    for name in ("subtitles.csv", "subtitle.csv", "subtitle_chieng.csv"):
+    for name in ("subtitles.csv", "subtitle.csv", "subtitle_chieng.csv", "transcription-engchi-polish.csv",
+                 "transcription_merge.csv"):
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
     return None
@@ -212,7 +216,17 @@ def load_audio(path: str, n_clips: int, clip_seconds: float) -> torch.Tensor:
     return torch.from_numpy(cut_clips(wave, n_clips, round(clip_seconds * SAMPLE_RATE)))
 
 
-def media_paths(root: str, name: str, use_faces: bool = False) -> tuple:
+VIDEO_DIRS = ("video", "subvideo", "subvideo-tgt", "subvideo_new", "video_new")  # as the official releases name them
+AUDIO_DIRS = ("audio", "subaudio")
+
+
+def first_dir(root: str, names) -> str:
+    """The first of `names` that exists under root (else the first name, so errors point at the usual place)."""
+    return next((n for n in names if os.path.isdir(os.path.join(root, n))), names[0])
+
+
+def media_paths(root: str, name: str, use_faces: bool = False, video_dir: str = "video",
+                audio_dir: str = "audio") -> tuple:
     """(visual path, audio path) of a clip: face crops when asked and present, else video .mp4 / .avi."""
     visual = None
     if use_faces:
@@ -222,9 +236,9 @@ def media_paths(root: str, name: str, use_faces: bool = False) -> tuple:
                 visual = p
                 break
     if visual is None:
-        visual = next((p for p in (os.path.join(root, "video", f"{name}{ext}") for ext in (".mp4", ".avi"))
-                       if os.path.isfile(p)), os.path.join(root, "video", f"{name}.mp4"))
-    return visual, os.path.join(root, "audio", f"{name}.wav")
+        visual = next((p for p in (os.path.join(root, video_dir, f"{name}{ext}") for ext in (".mp4", ".avi"))
+                       if os.path.isfile(p)), os.path.join(root, video_dir, f"{name}.mp4"))
+    return visual, os.path.join(root, audio_dir, f"{name}.wav")
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -239,16 +253,20 @@ class ClipDataset(torch.utils.data.Dataset):
                  skip_bad=False):
         self.root, self.n_frames, self.image_size = root, n_frames, image_size
         self.audio_clips, self.clip_seconds, self.use_faces = audio_clips, clip_seconds, use_faces
+        self.video_dir, self.audio_dir = first_dir(root, VIDEO_DIRS), first_dir(root, AUDIO_DIRS)
         self.clips, self.skipped = [], {}
         for clip in clips:
-            missing = [p for p in media_paths(root, clip.name, use_faces) if not os.path.isfile(p)]
+            missing = [p for p in self.paths(clip.name) if not os.path.isfile(p)]
             if missing:
                 reason = f"clip {clip.name}: missing {', '.join(missing)}"
                 if not skip_bad:
-                    raise DataError(reason + " (use --skip-bad-clips to leave such clips out)")
+                    raise DataError(reason + " (use --skip_bad_clips to leave such clips out)")
                 self.skipped[clip.name] = reason
             else:
                 self.clips.append(clip)
+
+    def paths(self, name: str) -> tuple:
+        return media_paths(self.root, name, self.use_faces, self.video_dir, self.audio_dir)
 
     def __len__(self):
         return len(self.clips)
@@ -261,7 +279,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         clip = self.clips[i]
-        visual, audio = media_paths(self.root, clip.name, self.use_faces)
+        visual, audio = self.paths(clip.name)
         try:
             frames = (load_faces if visual.endswith(".npy") else load_video)(visual, self.n_frames,
                                                                                self.image_size)
@@ -373,6 +391,7 @@ COLOUR_NAMES = ["red", "blue", "purple", "yellow", "orange", "green", "white", "
 PITCHES = [180.0, 260.0, 340.0, 450.0, 600.0, 800.0, 1000.0, 1250.0]
 PITCH_NAMES = ["very low", "low", "lowish", "middle", "high", "very high", "shrill", "piercing"]
 AM_RATES = [2.0, 3.0, 5.0, 7.0, 9.0, 11.0, 4.0, 6.0]
+HEDGE_SECTOR = "scared"  # the sector a hedging annotator adds (wheel-1 sector of "worried" in our lexicon)
 CUE_TEMPLATES = ["I feel so {w} about all of this.", "Honestly, this makes me {w}.", "You know, I am really {w}.",
                  "Right now I am just {w}.", "It all leaves me {w}, to be honest."]
 NEUTRAL_SUBTITLES = ["We will meet at the station at noon.", "The report is on the table.",
@@ -410,7 +429,7 @@ def synth_sectors(lex=None, pool_size: int = 8) -> dict:
     return pools
 
 
-def _synth_clip(rng: np.random.Generator, pools: dict, train: bool) -> dict:
+def _synth_clip(rng: np.random.Generator, pools: dict, noisy: bool) -> dict:
     """Draw one clip's hidden sectors, its evidence per modality, labels and reason (no media yet)."""
     sectors = list(pools)
     k = rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])
@@ -436,25 +455,36 @@ def _synth_clip(rng: np.random.Generator, pools: dict, train: bool) -> dict:
     if others and rng.random() < 0.2:
         distractor = (int(rng.choice(others)), "video" if rng.random() < 0.5 else "audio")
     words = {s: list(rng.choice(pools[sectors[s]], size=rng.choice([1, 2]), replace=False)) for s in chosen}
-    labels = [w for s in chosen for w in words[s]]
-    if train:
-        if len(chosen) > 1 and rng.random() < 0.15:  # an annotator missed one emotion
-            gone = words[int(rng.choice(chosen))]
-            labels = [w for w in labels if w not in gone]
-        if others and rng.random() < 0.15:  # ... or added a spurious one
+    annotated = list(chosen)  # what the annotator noticed
+    if noisy:
+        for s in chosen:  # voice-only emotions are often missed (as by a captioner that reads faces and words)
+            if s in audio and s not in video and s not in text and len(annotated) > 1 and rng.random() < 0.6:
+                annotated.remove(s)
+        if len(annotated) > 1 and rng.random() < 0.1:  # ... and now and then any one emotion
+            annotated.remove(annotated[int(rng.integers(len(annotated)))])
+    labels = [w for s in annotated for w in words[s]]
+    hedge = None
+    if noisy and others:
+        if HEDGE_SECTOR in pools and sectors.index(HEDGE_SECTOR) in others and rng.random() < 0.5:
+            # a hedging annotator: "maybe a little worried" although nothing shows it
+            hedge = str(rng.choice(pools[HEDGE_SECTOR]))
+            labels.append(hedge)
+        elif rng.random() < 0.1:  # ... or any spurious emotion
             labels.append(str(rng.choice(pools[sectors[int(rng.choice(others))]])))
     cue_sector = text[0] if text else misleading
     cue = str(rng.choice(pools[sectors[cue_sector]])) if cue_sector is not None else None
     subtitle = (str(rng.choice(CUE_TEMPLATES)).format(w=cue) if cue is not None
                 else str(rng.choice(NEUTRAL_SUBTITLES)))
-    parts = []
-    if video:
-        parts.append("the face shows " + " and ".join(f"{COLOUR_NAMES[s]} ({words[s][0]})"
-                                                      for s in video))
-    if audio:
-        parts.append("the voice is " + " and ".join(f"{PITCH_NAMES[s]} ({words[s][0]})" for s in audio))
-    if text:
+    parts = []  # the description names the cues the annotator noticed
+    seen_video, seen_audio = [s for s in video if s in annotated], [s for s in audio if s in annotated]
+    if seen_video:
+        parts.append("the face shows " + " and ".join(f"{COLOUR_NAMES[s]} ({words[s][0]})" for s in seen_video))
+    if seen_audio:
+        parts.append("the voice is " + " and ".join(f"{PITCH_NAMES[s]} ({words[s][0]})" for s in seen_audio))
+    if text and text[0] in annotated:
         parts.append(f"the words say {cue}")
+    if hedge:
+        parts.append(f"perhaps a little {hedge}")
     reason = ("; ".join(parts) or "no clear emotional cue").capitalize() + "."
     return {"sectors": [sectors[s] for s in chosen], "video": video, "audio": audio, "text": text,
             "misleading": misleading, "distractor": distractor, "labels": labels, "subtitle": subtitle,
@@ -511,20 +541,21 @@ def _labels_string(labels) -> str:
 
 
 def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True,
-               n_val: int = 0) -> dict:
+               n_val: int = 0, n_rl: int = 0) -> dict:
     """Write the synthetic benchmark in the official layout; returns a summary. Same seed -> same files.
-    Splits: train (noisy labels), val (clean; only when n_val > 0) and test (clean)."""
+    Splits: train (noisy labels and descriptions, for SFT), rl (clean, for GRPO), val and test (clean); rl
+    and val are written only when asked for."""
     from tqdm import tqdm
     pools = synth_sectors()
     os.makedirs(os.path.join(out, "video"), exist_ok=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    rows = {"train": [], "val": [], "test": []}
+    rows = {"train": [], "rl": [], "val": [], "test": []}
     reasons, subtitles, meta = [], [], {}
-    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    splits = ["train"] * n_train + ["rl"] * n_rl + ["val"] * n_val + ["test"] * n_test
     for i, split in enumerate(tqdm(splits, desc="synthesize", disable=not progress, leave=False)):
         rng = np.random.default_rng([seed, i])  # one stream per clip: order-independent and reproducible
         name = f"synth_{i:05d}"
-        c = _synth_clip(rng, pools, train=(split == "train"))
+        c = _synth_clip(rng, pools, noisy=(split == "train"))
         _render_video(os.path.join(out, "video", f"{name}.mp4"), rng, c["video"], c["distractor"])
         _render_audio(os.path.join(out, "audio", f"{name}.wav"), rng, c["audio"], c["distractor"])
         rows[split].append((name, _labels_string(c["labels"])))
@@ -532,8 +563,8 @@ def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, p
         subtitles.append((name, c["subtitle"]))
         meta[name] = {k: c[k] for k in ("sectors", "video", "audio", "text", "misleading", "distractor")}
         meta[name]["split"] = split
-    tables = [(f"{split}.csv", ("name", "openset"), rows[split]) for split in ("train", "val", "test")
-              if rows[split] or split != "val"]
+    tables = [(f"{split}.csv", ("name", "openset"), rows[split]) for split in ("train", "rl", "val", "test")
+              if rows[split] or split in ("train", "test")]
     tables += [("reasons.csv", ("name", "reason"), reasons), ("subtitles.csv", ("name", "english"), subtitles)]
     for filename, header, table in tables:
         with open(os.path.join(out, filename), "w", newline="", encoding="utf-8") as f:
@@ -542,7 +573,8 @@ def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, p
             w.writerows(table)
     with open(os.path.join(out, "synth.json"), "w") as f:
         json.dump({"seed": seed, "sectors": pools, "clips": meta}, f, indent=1)
-    return {"out": out, "n_train": n_train, "n_val": n_val, "n_test": n_test, "sectors": list(pools)}
+    return {"out": out, "n_train": n_train, "n_rl": n_rl, "n_val": n_val, "n_test": n_test,
+            "sectors": list(pools)}
 
 
 def tokenizer_corpus() -> list:
@@ -553,7 +585,7 @@ def tokenizer_corpus() -> list:
     # the fixed parts of every prompt and target are repeated so that they become a few tokens each
     texts = 50 * [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
     texts += 10 * (CUE_TEMPLATES + NEUTRAL_SUBTITLES + COLOUR_NAMES + PITCH_NAMES)
-    texts += 50 * ["The face shows", "the voice is", "the words say", "No clear emotional cue"]
+    texts += 50 * ["The face shows", "the voice is", "the words say", "No clear emotional cue", "perhaps a little"]
     texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
     pool_words = sorted({w for ws in pools.values() for w in ws})
     texts += [f"{w}, {v}" for w in pool_words for v in pool_words]  # label words become single tokens
@@ -567,15 +599,17 @@ def main(argv=None):
     s = sub.add_parser("synth", help="write the synthetic OV-MER benchmark in the official layout")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-train", type=int, default=800)
+    s.add_argument("--n-rl", type=int, default=400, help="clean clips for GRPO (0: no rl.csv)")
     s.add_argument("--n-val", type=int, default=100, help="clean validation clips (0: no val.csv)")
     s.add_argument("--n-test", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.n_train, args.n_val, args.n_test) < 0 or args.n_train + args.n_val + args.n_test == 0:
-        sys.exit("error: --n-train, --n-val and --n-test must be >= 0 and not all 0")
-    summary = synthesize(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val)
-    print(f"wrote {summary['n_train']} train, {summary['n_val']} val and {summary['n_test']} test clips to "
-          f"{summary['out']} "
+    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test)
+    if min(sizes) < 0 or sum(sizes) == 0:
+        sys.exit("error: --n-train, --n-rl, --n-val and --n-test must be >= 0 and not all 0")
+    summary = synthesize(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val, n_rl=args.n_rl)
+    print(f"wrote {summary['n_train']} train, {summary['n_rl']} rl, {summary['n_val']} val and "
+          f"{summary['n_test']} test clips to {summary['out']} "
           f"(sectors: {', '.join(summary['sectors'])})")
 
 

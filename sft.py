@@ -59,6 +59,7 @@ class Args:
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example (targets are cut, not prompts)"})
     synth_train: int = field(default=800, metadata={"help": "clips of the default synthetic train split"})
+    synth_rl: int = field(default=400, metadata={"help": "clips of the default synthetic rl split (GRPO)"})
     synth_val: int = field(default=100, metadata={"help": "clips of the default synthetic val split"})
     synth_test: int = field(default=200, metadata={"help": "clips of the default synthetic test split"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the default synthetic benchmark"})
@@ -74,7 +75,9 @@ class Args:
     max_steps: int = field(default=0, metadata={"help": "optimiser steps (0: from epochs)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute LLM activations"})
-    seed: int = field(default=0, metadata={"help": "data order, initialisation, dropout"})
+    seed: int = field(default=0, metadata={"help": "data order, projector/adapter initialisation, dropout"})
+    model_seed: int = field(default=0, metadata={"help": "seed of random-init base weights (tiny preset, "
+                                                         "--random_init): the same base for every --seed"})
     # logging and checkpoints
     out: str = field(default="out/sft", metadata={"help": "output folder"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
@@ -206,7 +209,8 @@ def main(args: Args):
     if args.data is None and not os.path.isfile(os.path.join(root, "train.csv")):
         if d.main:
             say(f"creating the synthetic benchmark in {root}")
-            data.synthesize(root, args.synth_train, args.synth_test, args.synth_seed, n_val=args.synth_val)
+            data.synthesize(root, args.synth_train, args.synth_test, args.synth_seed, n_val=args.synth_val,
+                            n_rl=args.synth_rl)
         common.barrier()
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such folder")
@@ -225,9 +229,9 @@ def main(args: Args):
         model = model_lib.load_model(common.resolve_checkpoint(resume_from or args.init), device=d.device)
     else:
         cfg = model_lib.ModelConfig.from_preset(args.preset, llm=args.llm, vision=args.vision, audio=args.audio,
-                                                train_llm=args.train_llm, seed=args.seed,
+                                                train_llm=args.train_llm, seed=args.model_seed,
                                                 random_init=args.random_init or None)
-        model = model_lib.build_model(cfg, device=d.device)
+        model = model_lib.build_model(cfg, device=d.device, init_seed=args.seed)
     if args.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = model.cfg
@@ -331,7 +335,7 @@ def main(args: Args):
     if step == total:
         save(f"step_{step:06d}")
         if d.main:
-            common.save_checkpoint(args.out, "final", model)
+            common.save_checkpoint(args.out, "final", model, state={"step": step, "args": asdict(args)})
             say(f"done: {args.out}/final")
     common.cleanup_dist()
 
