@@ -63,13 +63,17 @@ class Args:
     # model and data
     init: str = field(default="out/sft", metadata={"help": "SFT checkpoint or run folder to start from"})
     data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth)"})
-    train_split: str = field(default="train", metadata={"help": "labels CSV DATA/{train_split}.csv"})
+    train_split: str = field(default="rl", metadata={"help": "labels CSV DATA/{train_split}.csv (rl: the "
+                                                             "cleaner GRPO split; falls back to train)"})
     eval_split: str = field(default="val", metadata={"help": "held-out labels CSV for the greedy evaluation"})
     lexicon: str = field(default="builtin", metadata={"help": "'builtin' or the official wheel folder"})
     think: bool = field(default=True, metadata={"help": "<think> + <answer> format (--no-think: answer only)"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
+    lora_r: int = field(default=0, metadata={"help": "train fresh LoRA adapters of this rank (alpha = 2r) on "
+                                                     "the SFT policy instead of what SFT trained (0: off)"})
+    freeze_projector: bool = field(default=False, metadata={"help": "with --lora_r: keep the projector frozen"})
     # rollout
     group_size: int = field(default=8, metadata={"help": "G, completions per clip"})
     clips_per_step: int = field(default=16, metadata={"help": "B, clips per step over all ranks"})
@@ -83,6 +87,8 @@ class Args:
     w_align: float = field(default=0.0, metadata={"help": "alignment reward weight (think vs answer)"})
     w_dual: float = field(default=0.0, metadata={"help": "dual reward weight (think vs ground truth)"})
     penalty: str = field(default="none", metadata={"help": "length penalty: none | p1 | p2 | p3"})
+    accuracy: str = field(default="f1", metadata={"help": "accuracy reward: f1 (per-sample EW-F) | recall "
+                                                          "(no precision pressure; shows reward hacking)"})
     level: int = field(default=1, metadata={"help": "emotion-wheel level of the accuracy reward"})
     # loss
     mu: int = field(default=1, metadata={"help": "optimiser steps per rollout batch"})
@@ -269,7 +275,7 @@ def rollout(model, ref, clips, feats, args, lex, generator) -> tuple:
     texts = tok.batch_decode(tokens, skip_special_tokens=True)
     scores = [reward.score_completion(t, clips[i // G].labels, lex, think=args.think, penalty=args.penalty,
                                       w_format=args.w_format, w_align=args.w_align, w_dual=args.w_dual,
-                                      level=args.level) for i, t in enumerate(texts)]
+                                      level=args.level, accuracy=args.accuracy) for i, t in enumerate(texts)]
     t_rew = time.time()
     rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float32, device=model.device)
     group_ids = torch.arange(len(clips), device=model.device).repeat_interleave(G)
@@ -332,7 +338,8 @@ def evaluate(model, clips, feats, args, d, lex) -> dict:
 def check_args(args: Args):
     problems = []
     for name, allowed in (("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS), ("adv_scale", ("std", "none")),
-                          ("truncated", ("keep", "drop")), ("penalty", reward.PENALTIES)):
+                          ("truncated", ("keep", "drop")), ("penalty", reward.PENALTIES),
+                          ("accuracy", tuple(reward.ACCURACY))):
         if getattr(args, name) not in allowed:
             problems.append(f"--{name} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
     for name in ("group_size", "clips_per_step", "mu", "micro_batch", "max_new_tokens", "log_every"):
@@ -372,6 +379,9 @@ def main(args: Args):
 
     # ---- model: the policy, and the reference = the initial policy ----------------------------------------
     model = model_lib.load_model(init, device=d.device)
+    if args.lora_r:  # fresh adapters on the SFT policy; then the reference is "adapters disabled"
+        torch.manual_seed(args.seed)
+        model_lib.add_lora(model, args.lora_r, 2.0 * args.lora_r, train_projector=not args.freeze_projector)
     ref = frozen_copy(model)
     if resume_from:
         model_lib.load_trainable(model, resume_from)
@@ -382,7 +392,10 @@ def main(args: Args):
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such folder")
     lex = reward.load_lexicon(args.lexicon)
-    train = data.read_split(root, args.train_split)
+    split = args.train_split
+    if split == "rl" and not os.path.isfile(os.path.join(root, "rl.csv")):
+        split = "train"  # datasets without a separate RL split train on their training split
+    train = data.read_split(root, split)
     no_signal = [c for c in train if reward.ew_score(reward.parse_labels(c.labels), reward.parse_labels(c.labels),
                                                      lex, args.level) is None]
     train = [c for c in train if c not in no_signal]
@@ -396,7 +409,7 @@ def main(args: Args):
     if args.clips_per_step % d.world or args.clips_per_step > len(train):
         raise SystemExit(f"error: --clips_per_step {args.clips_per_step} must be a multiple of the {d.world} ranks "
                          f"and at most the {len(train)} usable training clips")
-    say(f"GRPO from {init}: {len(train)} training clips ({len(no_signal)} dropped: ground truth maps to no "
+    say(f"GRPO from {init}: {len(train)} clips of {split}.csv ({len(no_signal)} dropped: ground truth maps to no "
         f"wheel; {len(ds.skipped)} bad media), {len(held)} held-out, {args.max_steps} steps of "
         f"{args.clips_per_step} clips x G={args.group_size}; mu={args.mu}"
         + (" (old log-probs skipped: rho = 1)" if args.mu == 1 else ""))
@@ -477,7 +490,7 @@ def main(args: Args):
     if step == args.max_steps:
         save(f"step_{step:06d}", step)
         if d.main:
-            common.save_checkpoint(args.out, "final", model)
+            common.save_checkpoint(args.out, "final", model, state={"step": step, "args": asdict(args)})
             say(f"done: {args.out}/final")
     common.cleanup_dist()
 

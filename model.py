@@ -80,7 +80,7 @@ _TINY = {
 
 PRESETS = {
     "tiny": dict(llm=None, vision=None, audio=None, arch=_TINY, random_init=True, train_llm="full",
-                 n_frames=8, audio_clips=2, clip_seconds=1.0, fusion_width=64, tokenizer_vocab=1024),
+                 n_frames=8, audio_clips=2, clip_seconds=1.0, fusion_width=64, tokenizer_vocab=1024, n_tokens=4),
     "qwen0.5b": dict(llm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224",
                      audio="facebook/hubert-base-ls960",
                      arch={"llm": _QWEN_05B, "vision": _SIGLIP_BASE, "audio": _HUBERT_BASE}),
@@ -104,6 +104,8 @@ class ModelConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: tuple = LORA_TARGETS
+    train_projector: bool = True  # the projector trains (False: frozen, e.g. in GRPO with fresh adapters)
+    base_in_checkpoint: bool = False  # the frozen LLM weights differ from the named ones: save them too
     n_tokens: int = 1             # LLM tokens per modality (paper: 1)
     n_frames: int = 8             # frames sampled per clip
     audio_clips: int = 8          # audio clips per clip (paper: 8 x 2 s)
@@ -549,8 +551,10 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, device=None, tokenizer=None) -> AffectGPT:
-    """Build the model of a config: weights by name, or random init from `cfg.arch` (seeded)."""
+def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | None = None) -> AffectGPT:
+    """Build the model of a config: weights by name, or random init from `cfg.arch` seeded by cfg.seed (the
+    same "pretrained" base for every run); the new trainable parts (projector, adapters) are initialised from
+    init_seed (default: cfg.seed), so training seeds vary them and not the frozen encoders."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = torch.device(device) if device is not None else default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -575,6 +579,7 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None) -> AffectGPT:
     llm.config.pad_token_id, llm.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     vision, family = _load_vision(cfg.vision, cfg.arch.get("vision"), random_init or cfg.vision is None, dtype)
     audio = _load_audio(cfg.audio, cfg.arch.get("audio"), random_init or cfg.audio is None, dtype)
+    torch.manual_seed(cfg.seed if init_seed is None else init_seed)
     if cfg.train_llm == "lora":
         llm.requires_grad_(False)
         apply_lora(llm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -583,13 +588,31 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None) -> AffectGPT:
     else:
         raise ValueError(f"train_llm must be 'lora' or 'full', got {cfg.train_llm!r}")
     model = AffectGPT(cfg, llm, vision, audio, tokenizer, family)
+    model.projector.requires_grad_(cfg.train_projector)
     return model.to(device)
 
 
-def trainable_state_dict(model: AffectGPT) -> dict:
-    """What training changes: the trainable parameters and the projector's feature statistics."""
-    out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    out.update({f"projector.{n}": b for n, b in model.projector.named_buffers()})
+def add_lora(model: AffectGPT, r: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS,
+             train_projector: bool = True) -> AffectGPT:
+    """Freeze the LLM as it is (e.g. trained in full by SFT) and train fresh adapters on top of it; the config
+    then records that the frozen weights belong in the checkpoint."""
+    if any(isinstance(m, LoRALinear) for m in model.llm.modules()):
+        raise ValueError("the model has LoRA adapters already")
+    model.llm.requires_grad_(False)
+    apply_lora(model.llm, targets, r, alpha, dropout)
+    model.projector.requires_grad_(train_projector)
+    model.cfg = dataclasses.replace(model.cfg, train_llm="lora", lora_r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                    lora_targets=tuple(targets), train_projector=train_projector,
+                                    base_in_checkpoint=True)
+    return model
+
+
+def trainable_state_dict(model: AffectGPT, keep_vars: bool = False) -> dict:
+    """What training changes: the whole projector (with its feature statistics) and the LLM's trainable
+    parameters (adapters, or all of it)."""
+    out = {f"projector.{n}": t for n, t in model.projector.state_dict(keep_vars=keep_vars).items()}
+    out.update({n: p if keep_vars else p.detach() for n, p in model.named_parameters()
+                if p.requires_grad and not n.startswith("projector.")})
     return out
 
 
@@ -598,6 +621,10 @@ def _frozen_state_dict(model: AffectGPT) -> dict:
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     return {n: t for n, t in model.state_dict(keep_vars=True).items()
             if id(t) not in trainable and not n.startswith("projector.")}
+
+
+def _base_in_checkpoint(cfg: ModelConfig) -> bool:
+    return cfg.random_init or cfg.llm is None or cfg.base_in_checkpoint
 
 
 def _save_tensors(tensors: dict, path: str):
@@ -613,7 +640,7 @@ def save_model(model: AffectGPT, path: str):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     _save_tensors(trainable_state_dict(model), os.path.join(path, "trainable.safetensors"))
-    if model.cfg.random_init or model.cfg.llm is None:
+    if _base_in_checkpoint(model.cfg):
         _save_tensors(_frozen_state_dict(model), os.path.join(path, "base.safetensors"))
     model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
 
@@ -646,7 +673,7 @@ def load_model(path: str, device=None) -> AffectGPT:
     cfg = ModelConfig(**raw)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
     model = build_model(cfg, device=device, tokenizer=tokenizer)
-    if cfg.random_init or cfg.llm is None:
+    if _base_in_checkpoint(cfg):
         file = os.path.join(path, "base.safetensors")
         _load_into(model, load_file(file), _frozen_state_dict(model), file)
     return load_trainable(model, path)
@@ -655,9 +682,7 @@ def load_model(path: str, device=None) -> AffectGPT:
 def load_trainable(model: AffectGPT, path: str) -> AffectGPT:
     """Load a checkpoint's trainable.safetensors into a model of the same shape (e.g. to resume)."""
     file = os.path.join(path, "trainable.safetensors")
-    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    expected.update({f"projector.{n}": b for n, b in model.projector.named_buffers()})
-    _load_into(model, load_file(file), expected, file)
+    _load_into(model, load_file(file), trainable_state_dict(model, keep_vars=True), file)
     return model
 
 

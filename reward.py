@@ -455,30 +455,37 @@ def length_penalty(n_pred: int, n_gt: int, kind: str = "none") -> float:
     return math.log(n_gt) / math.log(n_pred)
 
 
-def ew_score(pred_labels, gt_labels, lex: Lexicon, level: int = 1):
-    """Per-sample EW score: mean over the wheels where the ground truth maps to a sector of the per-sample F1.
+ACCURACY = {"f1": lambda p, r: f1(p, r), "recall": lambda p, r: r}
+
+
+def ew_score(pred_labels, gt_labels, lex: Lexicon, level: int = 1, kind: str = "f1"):
+    """Per-sample EW score: mean over the wheels where the ground truth maps to a sector of the per-sample F1
+    (kind="f1"), or of the recall alone (kind="recall", no precision pressure: the reward-hacking setting).
     None when the ground truth maps to nothing in every wheel."""
+    score = ACCURACY[kind]
     gt_sets = mapped_sets(gt_labels, lex, level)
     pred_sets = mapped_sets(pred_labels, lex, level)
-    scores = [f1(*pr) for pr in map(_precision_recall, gt_sets, pred_sets) if pr is not None]
+    scores = [score(*pr) for pr in map(_precision_recall, gt_sets, pred_sets) if pr is not None]
     return math.fsum(scores) / len(scores) if scores else None
 
 
 def score_completion(text: str, gt, lex: Lexicon, think: bool = True, penalty: str = "none",
                      w_acc: float = 1.0, w_format: float = 0.5, w_align: float = 0.0, w_dual: float = 0.0,
-                     level: int = 1):
+                     level: int = 1, accuracy: str = "f1"):
     """Reward of one completion against a ground-truth label string (or list): a readable dict, or None when
     the ground truth gives no reward signal (maps to nothing in every wheel: drop the clip).
 
     Defaults: accuracy weight 1 and format weight 0.5 (the paper's R = R_acc + w * R_format with w
     unpublished; 0.5 keeps a right answer worth more than a right format), no length penalty and no
-    auxiliary rewards (the paper's best recipe was accuracy + format).
+    auxiliary rewards (the paper's best recipe was accuracy + format). accuracy="recall" drops the
+    precision pressure (to show the reward hacking that the length penalties stop).
     """
     gt_labels = parse_labels(gt)
     answer = extract_answer(text)
-    accuracy = ew_score(answer, gt_labels, lex, level)
-    if accuracy is None:
+    acc = ew_score(answer, gt_labels, lex, level, accuracy)
+    if acc is None:
         return None
+    accuracy = acc
     n_pred, n_gt = len(set(answer)), len(set(gt_labels))
     penalty_factor = length_penalty(n_pred, n_gt, penalty)
     fmt = 1.0 if format_ok(text, think) else 0.0

@@ -23,7 +23,8 @@ def make_case(aggregation="grpo", n=8, prompt=6, length=5, seed=0):
     """A tiny policy, its frozen reference (after one perturbation of the policy, so the KL is not zero), and
     a rollout of n completions with ragged masks, left-padded prompts and truncated rows."""
     tok = M.prepare_tokenizer(M.build_tokenizer(CORPUS, vocab_size=300, seed=0))
-    model = M.build_model(M.ModelConfig.from_preset("tiny", seed=seed), device="cpu", tokenizer=tok).eval()
+    model = M.build_model(M.ModelConfig.from_preset("tiny", seed=seed, n_tokens=1), device="cpu",
+                          tokenizer=tok).eval()
     ref = grpo.frozen_copy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the policy has moved away from the reference a little

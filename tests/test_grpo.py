@@ -100,7 +100,11 @@ def test_two_ranks_give_the_same_gradients(tmp_path, aggregation):
     assert r.returncode == 0, r.stderr[-3000:]
     two = load_file(out)
     assert one.keys() == two.keys()
-    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+    # float32 sums in another order (threads, all-reduce) differ in the last bits: compare against the largest
+    # gradient entry (a normalisation bug is off by a factor, i.e. by ~100% of it)
+    scale = max(v.abs().max().item() for v in one.values())
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-5 * scale, (worst, scale)
 
 
 # ---- KL estimators ------------------------------------------------------------------------------------------
@@ -251,7 +255,8 @@ def test_reference_is_the_initial_policy_and_shares_frozen_weights():
 
 def test_lora_reference_equals_adapters_disabled_at_fresh_adapters():
     tok = M.prepare_tokenizer(M.build_tokenizer(["happy sad calm"] * 5, vocab_size=280))
-    model = M.build_model(M.ModelConfig.from_preset("tiny", train_llm="lora"), device="cpu", tokenizer=tok).eval()
+    model = M.build_model(M.ModelConfig.from_preset("tiny", train_llm="lora", n_tokens=1), device="cpu",
+                          tokenizer=tok).eval()
     ref = grpo.frozen_copy(model)
     ids = tok(["happy sad calm calm"], return_tensors="pt")
     with torch.no_grad():

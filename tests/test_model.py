@@ -18,7 +18,8 @@ def tokenizer():
 
 
 def tiny(tokenizer, **overrides):
-    cfg = M.ModelConfig.from_preset("tiny", **overrides)
+    """The tiny preset with one placeholder token per modality (unless overridden)."""
+    cfg = M.ModelConfig.from_preset("tiny", **{"n_tokens": 1, **overrides})
     return M.build_model(cfg, device="cpu", tokenizer=copy.deepcopy(tokenizer)).eval()
 
 
@@ -100,9 +101,11 @@ def test_lora_trains_only_adapters_and_projector(tokenizer):
     assert not model.vision.training and not model.audio.training and model.llm.training
 
 
-def test_placeholders_receive_exactly_the_projected_features(tokenizer):
-    model = tiny(tokenizer)
-    enc = prompts(tokenizer, ["happy", "sad angry calm"])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_placeholders_receive_exactly_the_projected_features(tokenizer, n_tokens):
+    model = tiny(tokenizer, n_tokens=n_tokens)
+    enc = tokenizer([("<|fused|>" * n_tokens + "<|audio|>" * n_tokens + "<|video|>" * n_tokens) + t
+                     for t in ["happy", "sad angry calm"]], return_tensors="pt", padding=True)
     feats = media()
     seen = {}
     hook = model.llm.base_model.register_forward_pre_hook(
@@ -110,13 +113,14 @@ def test_placeholders_receive_exactly_the_projected_features(tokenizer):
     with torch.no_grad():
         model(enc["input_ids"], enc["attention_mask"], feats)
         hook.remove()
-        projected = model.projector(feats["video"], feats["audio"])  # (B, 3, D): fused, audio, video
+        projected = model.projector(feats["video"], feats["audio"])  # (B, 3 n, D): fused, audio, video
         table = model.llm.get_input_embeddings().weight
     ids = enc["input_ids"]
     for b in range(2):
         for j, token in enumerate(M.PLACEHOLDERS):
-            pos = (ids[b] == tokenizer.convert_tokens_to_ids(token)).nonzero().item()
-            assert torch.equal(seen["embeds"][b, pos], projected[b, j])
+            pos = (ids[b] == tokenizer.convert_tokens_to_ids(token)).nonzero().flatten()
+            assert len(pos) == n_tokens
+            assert torch.equal(seen["embeds"][b, pos], projected[b, j * n_tokens:(j + 1) * n_tokens])
         text = ~torch.isin(ids[b], torch.tensor(model.placeholder_ids))
         assert torch.equal(seen["embeds"][b, text], table[ids[b, text]])
 
@@ -281,3 +285,26 @@ def test_the_policy_never_emits_a_placeholder(tokenizer):
     out = model.generate(enc["input_ids"], enc["attention_mask"], media(), max_new_tokens=30,
                          generator=torch.Generator().manual_seed(0))
     assert out.shape[1] > 0 and not torch.isin(out, torch.tensor(model.placeholder_ids)).any()
+
+
+def test_fresh_adapters_on_a_fully_trained_model(tokenizer, tmp_path):
+    model = tiny(tokenizer, train_llm="full")
+    enc = prompts(tokenizer, ["happy", "sad angry"])
+    feats = media()
+    with torch.no_grad():
+        before = model(enc["input_ids"], enc["attention_mask"], feats)
+    M.add_lora(model, r=4, alpha=8, train_projector=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        assert torch.equal(model(enc["input_ids"], enc["attention_mask"], feats), before)  # B = 0
+    randomise_lora(model)
+    with torch.no_grad():
+        after = model(enc["input_ids"], enc["attention_mask"], feats)
+    M.save_model(model, str(tmp_path / "ckpt"))  # the frozen (trained) LLM travels in base.safetensors
+    loaded = M.load_model(str(tmp_path / "ckpt"), device="cpu").eval()
+    assert loaded.cfg.train_llm == "lora" and loaded.cfg.base_in_checkpoint
+    with torch.no_grad():
+        assert torch.equal(loaded(enc["input_ids"], enc["attention_mask"], feats), after)
+    with pytest.raises(ValueError, match="already"):
+        M.add_lora(model, r=4, alpha=8)

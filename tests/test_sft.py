@@ -37,7 +37,7 @@ def test_loss_counts_only_target_tokens():
     model = M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu", tokenizer=copy.deepcopy(tok)).eval()
     clips = [data.Clip("a", "['happy', 'excited']", "I am thrilled.", "The voice is high."),
              data.Clip("b", "['sad']", "", "The face is blue.")]
-    examples = [data.tokenize_example(model.tokenizer, c, True, 1) for c in clips]
+    examples = [data.tokenize_example(model.tokenizer, c, True, model.cfg.n_tokens) for c in clips]
     batch = data.collate_train(examples, model.tokenizer.pad_token_id)
     g = torch.Generator().manual_seed(0)
     media = {"video": torch.randn(2, 8, 32, generator=g), "audio": torch.randn(2, 2, 64, generator=g)}
@@ -47,8 +47,8 @@ def test_loss_counts_only_target_tokens():
     # by hand: for each example, the target span starts after its prompt; position t predicts token t + 1
     want, n = 0.0, 0
     for b, clip in enumerate(clips):
-        prompt = len(model.tokenizer(data.build_prompt(model.tokenizer, clip.subtitle), add_special_tokens=False)
-                     ["input_ids"])
+        prompt = len(model.tokenizer(data.build_prompt(model.tokenizer, clip.subtitle, n_tokens=model.cfg.n_tokens),
+                                     add_special_tokens=False)["input_ids"])
         length = len(examples[b]["input_ids"])
         logp = torch.log_softmax(logits[b].double(), -1)
         for t in range(prompt - 1, length - 1):
