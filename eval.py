@@ -1,23 +1,49 @@
-"""eval.py: score OV-MER predictions the way the papers do.
+"""eval.py: evaluate checkpoints the way the papers do, score label files, and plot training curves.
 
+    python eval.py --ckpt out/grpo/final --data out/synth --split test --out out/eval/grpo
+    python eval.py --ckpt ... --sample 5 --temperature 1 --top_p 0.9       # + the papers' sampled decoding, 5 draws
+    python eval.py --ckpt ... --ablate video,audio,subtitle                  # + one run without each modality
+    torchrun --standalone --nproc_per_node=2 eval.py --ckpt ...              # clips sharded over ranks
+    python eval.py --ckpt ... --benchmark merunibench --root DIR --out out/eval/unibench
     python eval.py score --pred P --gt G [--lexicon builtin|DIR] [--level 1|2] [--task ovmer|hit] [--json OUT]
+    python eval.py plot --run out/sft out/grpo [...] --out out/plots
 
-P and G are CSVs with columns `name, openset` (the official format: openset is a label string such as
-"['happy', 'excited']") or .npz files with arrays `filenames, fileitems`. `--task ovmer` reports the EW metric
-(F-score, precision, recall, per wheel), `--task hit` the basic-emotion HIT rate (G holds one class per clip).
-The table also counts the samples each wheel skipped (ground truth maps to nothing there) and the predicted
-words that map to no wheel at all.
+Evaluation: greedy decoding, and with `--sample N` also N sampled completions per clip at `--temperature`
+(top_p 0.9 as in the released inference code; the papers' numbers come from such samples); answers parsed from
+<answer> by reward.py; a report in RUN_DIR: metrics.json, summary.md and per_clip.csv (name, decoding, sample,
+completion, parsed labels, ground truth, per-sample EW score, format). EW-F / precision / recall are reported
+at wheel levels 1 and 2. `--ablate` adds one greedy evaluation per blanked modality (black video, silence or an
+empty subtitle in place of the real one).
+
+MER-UniBench (`--benchmark merunibench --root DIR`): every dataset found under DIR in its official layout
+(folders and label files as released; see README) is scored: OV-MERD+ by EW-F (level 1), MER2023, MER2024,
+MELD and IEMOCAP by HIT rate, CMU-MOSI, CMU-MOSEI, CH-SIMS and CH-SIMS v2 by weighted F1 and accuracy of the
+binary sentiment (ground-truth valence 0 removed; a predicted neutral counts as negative, as in the official
+pipeline). Missing datasets are listed; the table ends with the mean of the available primary scores.
+
+Departures: the official pipeline turns free text into labels and sentiment with an LLM; we parse <answer>
+and derive the sentiment from our lexicon: every answer label votes with the polarity of its level-1 sector
+in each wheel that covers it; more positive than negative votes -> positive, more negative -> negative, a tie
+(or no mapped label) -> neutral. The official script picks, per dataset, the best checkpoint on the test set;
+we evaluate the checkpoint we are given.
 """
 
 import argparse
 import collections
 import csv
 import json
+import math
 import os
 import sys
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
+import common
+import data
+import model as model_lib
+import reward
 from reward import N_WHEELS, ew_metric, hit_rate, load_lexicon, parse_labels
 
 # ----------------------------------------------------------------------------------------------------------
@@ -30,10 +56,10 @@ def read_label_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            if not {"filenames", "fileitems"} <= set(data.files):
-                raise ValueError(f"{path}: needs arrays 'filenames' and 'fileitems', found {sorted(data.files)}")
-            names, items = data["filenames"], data["fileitems"]
+        with np.load(path, allow_pickle=False) as npz:
+            if not {"filenames", "fileitems"} <= set(npz.files):
+                raise ValueError(f"{path}: needs arrays 'filenames' and 'fileitems', found {sorted(npz.files)}")
+            names, items = npz["filenames"], npz["fileitems"]
         if len(names) != len(items):
             raise ValueError(f"{path}: {len(names)} filenames but {len(items)} fileitems")
         pairs = [(str(n), str(i), f"item {k}") for k, (n, i) in enumerate(zip(names, items))]
@@ -59,6 +85,54 @@ def read_label_file(path: str) -> dict:
         if name in out:
             raise ValueError(f"{path}, {where}: duplicate name {name!r}")
         out[name] = labels
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scores of model outputs
+
+
+def answer_polarity(labels, lex) -> str:
+    """positive / negative / neutral: each label votes with its sector's polarity in every wheel covering it."""
+    votes = collections.Counter()
+    for label in labels:
+        for k, sector in enumerate(lex.lookup(label)[0]):
+            if sector is not None:
+                votes[lex.polarity[k].get(sector, "neutral")] += 1
+    if votes["positive"] > votes["negative"]:
+        return "positive"
+    return "negative" if votes["negative"] > votes["positive"] else "neutral"
+
+
+def sentiment_scores(pred_polarity: dict, valence: dict) -> dict:
+    """Binary sentiment (valence > 0 vs < 0; 0 removed): weighted F1 and accuracy. A predicted neutral counts
+    as negative, as (pred > 0) does in the official pipeline."""
+    pairs = [(v > 0, pred_polarity[n] == "positive") for n, v in valence.items() if v != 0]
+    if not pairs:
+        return {"weighted_f1": None, "accuracy": None, "n": 0}
+    f1s, weights = [], []
+    for cls in (True, False):
+        tp = sum(g == cls and p == cls for g, p in pairs)
+        fp = sum(g != cls and p == cls for g, p in pairs)
+        fn = sum(g == cls and p != cls for g, p in pairs)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        weights.append(sum(g == cls for g, _ in pairs))
+    return {"weighted_f1": sum(f * w for f, w in zip(f1s, weights)) / len(pairs),
+            "accuracy": sum(g == p for g, p in pairs) / len(pairs), "n": len(pairs)}
+
+
+def openset_report(completions: dict, gts: dict, lex, think: bool) -> dict:
+    """Metrics of one draw of completions for open-set ground truths."""
+    answers = {n: reward.extract_answer(completions[n]) for n in gts}
+    out = {}
+    for level in (1, 2):
+        ew = ew_metric(answers, gts, lex, level)
+        out.update({f"ew_f_l{level}": ew["fscore"], f"precision_l{level}": ew["precision"],
+                    f"recall_l{level}": ew["recall"]})
+    counts = [len(set(a)) for a in answers.values()]
+    out.update({"format_rate": sum(reward.format_ok(completions[n], think) for n in gts) / max(1, len(gts)),
+                "n_labels": sum(counts) / max(1, len(counts)),
+                "n_labels_hist": dict(sorted(collections.Counter(counts).items()))})
     return out
 
 
@@ -144,11 +218,355 @@ def score_main(argv):
             json.dump(report, f, indent=1)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating a checkpoint
+
+
+@dataclass
+class Args:
+    ckpt: str = field(default="out/grpo", metadata={"help": "checkpoint directory or run folder"})
+    data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth)"})
+    split: str = field(default="test", metadata={"help": "labels CSV DATA/{split}.csv"})
+    lexicon: str = field(default="builtin", metadata={"help": "'builtin' or the official wheel folder"})
+    think: str = field(default="auto", metadata={"help": "auto (as the checkpoint was trained) | true | false; "
+                                                          "--no-think means false"})
+    sample: int = field(default=0, metadata={"help": "also draw this many sampled completions per clip "
+                                                     "(0: greedy decoding only)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --sample)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus cut when sampling (the papers' 0.9)"})
+    max_new_tokens: int = field(default=80, metadata={"help": "completion length limit"})
+    batch_size: int = field(default=64, metadata={"help": "clips per generation batch"})
+    ablate: str = field(default="", metadata={"help": "also evaluate (greedy) with each of these modalities "
+                                                       "blanked, one at a time: video,audio,subtitle"})
+    benchmark: str = field(default="", metadata={"help": "merunibench: evaluate every dataset under --root"})
+    root: str | None = field(default=None, metadata={"help": "MER-UniBench folder"})
+    use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
+    skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
+    feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
+    out: str = field(default="out/eval", metadata={"help": "report folder"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+
+
+def resolve_think(args: Args, ckpt: str) -> bool:
+    if args.think in ("true", "false"):
+        return args.think == "true"
+    state = os.path.join(ckpt, "trainer_state.json")
+    if os.path.isfile(state):
+        return bool(json.load(open(state)).get("args", {}).get("think", True))
+    return True
+
+
+def blank_features(model) -> dict:
+    """Encoder features of a black video and of silence, for the modality ablation."""
+    cfg = model.cfg
+    frames = torch.zeros(1, cfg.n_frames, model.image_size, model.image_size, 3, dtype=torch.uint8)
+    audio = torch.zeros(1, cfg.audio_clips, round(cfg.clip_seconds * data.SAMPLE_RATE))
+    with model.autocast():
+        return {k: v[0].cpu() for k, v in model.encode_media(frames, audio).items()}
+
+
+def generate_all(model, clips, feats, args, d, think, draws: int = 0) -> dict:
+    """name -> list of completions (greedy when draws = 0, else `draws` samples), sharded over ranks and
+    gathered on every rank."""
+    mine = clips[d.rank::d.world]
+    n = max(1, draws)
+    subtitles = [c.subtitle for c in mine for _ in range(n)]
+    media = {k: v.repeat_interleave(n, 0) for k, v in data.stack_media(feats, [c.name for c in mine]).items()} \
+        if mine else {}
+    sampling = {"greedy": True} if draws == 0 else {
+        "temperature": args.temperature, "top_p": args.top_p,
+        "generator": torch.Generator(d.device).manual_seed(args.seed * 1009 + d.rank)}
+    texts = model.complete(subtitles, media, think=think, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, **sampling) if mine else []
+    part = {c.name: texts[i * n:(i + 1) * n] for i, c in enumerate(mine)}
+    if d.world > 1:
+        gathered = [None] * d.world
+        torch.distributed.all_gather_object(gathered, part)
+        part = {k: v for g in gathered for k, v in g.items()}
+    return part
+
+
+def prepare(model, root, clips, args, d) -> tuple:
+    """Encoder features (cached) of the clips; clips without usable media are left out (and counted)."""
+    cfg = model.cfg
+    ds = data.ClipDataset(root, clips, cfg.n_frames, model.image_size, cfg.audio_clips, cfg.clip_seconds,
+                          args.use_faces, args.skip_bad_clips)
+    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips,
+                                   progress=False)
+    return [c for c in clips if c.name in feats], feats, ds.skipped
+
+
+def without(kind: str, clips, feats, blank) -> tuple:
+    """The same clips with one modality replaced by a blank (black video, silence, empty subtitle)."""
+    if kind == "subtitle":
+        return [data.Clip(c.name, c.labels, "", c.reason) for c in clips], feats
+    return clips, {n: {**f, kind: blank[kind]} for n, f in feats.items()}
+
+
+def score_draws(outputs: dict, gts: dict, lex, think) -> dict:
+    """Metrics averaged over the draws (with their spread when there are several)."""
+    draws = [openset_report({n: outputs[n][k] for n in gts}, gts, lex, think)
+             for k in range(len(next(iter(outputs.values()))))] if gts else []
+    metrics = {"n_clips": len(gts), "n_draws": len(draws)}
+    for key in (draws[0] if draws else {}):
+        values = [m[key] for m in draws]
+        if isinstance(values[0], dict) or None in values:
+            metrics[key] = values[0]
+            continue
+        metrics[key] = sum(values) / len(values)
+        if len(values) > 1:
+            metrics[key + "_std"] = float(np.std(values))
+    return metrics
+
+
+def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
+    """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
+    ablated modality. Returns (metrics, per-clip rows)."""
+    clips, feats, skipped = prepare(model, root, clips, args, d)
+    gts = {c.name: c.labels for c in clips}
+    metrics = {"skipped_clips": len(skipped)}
+    rows = []
+    for mode, draws in [("greedy", 0)] + ([("sampled", args.sample)] if args.sample else []):
+        outputs = generate_all(model, clips, feats, args, d, think, draws)
+        metrics[mode] = score_draws(outputs, gts, lex, think)
+        for c in clips:
+            for k, text in enumerate(outputs[c.name]):
+                answer = reward.extract_answer(text)
+                score = reward.ew_score(answer, parse_labels(c.labels), lex)
+                rows.append({"name": c.name, "decoding": mode, "sample": k, "completion": text,
+                             "labels": ", ".join(answer), "ground_truth": ", ".join(parse_labels(c.labels)),
+                             "ew_score": "" if score is None else round(score, 6),
+                             "format": int(reward.format_ok(text, think))})
+    blank = blank_features(model) if ablate else None
+    for kind in ablate:
+        c2, f2 = without(kind, clips, feats, blank)
+        metrics[f"without_{kind}"] = score_draws(generate_all(model, c2, f2, args, d, think), gts, lex, think)
+    return metrics, rows
+
+
+# ---- MER-UniBench -------------------------------------------------------------------------------------------
+
+# name: (task, folders under --root, label file, corpus classes when 'emo' is an integer index)
+UNIBENCH = {
+    "ovmerdplus": ("ovmer", ("ovmerdplus-process", "ovmerdplus-dataset", "ovmerdplus", "mer2025-dataset"),
+                   ("track2_test.csv", "ovmerdplus.csv", "label.csv"), None),
+    "mer2023": ("hit", ("mer2023-dataset-process", "mer2023-process", "mer2023"), ("label-6way.npz",),
+                ("neutral", "angry", "happy", "sad", "worried", "surprise")),
+    "mer2024": ("hit", ("mer2024-dataset-process", "mer2024-process", "mer2024"), ("label-6way.npz",),
+                ("neutral", "angry", "happy", "sad", "worried", "surprise")),
+    "meld": ("hit", ("meld-dataset", "meld-process", "meld"), ("label.npz",),
+             ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise")),
+    "iemocapfour": ("hit", ("iemocap-dataset", "iemocap-process", "iemocapfour"), ("label_4way.npz", "label.npz"),
+                    ("happy", "sad", "neutral", "anger")),
+    "cmumosi": ("sentiment", ("cmumosi-dataset", "cmumosi-process", "cmumosi"), ("label.npz",), None),
+    "cmumosei": ("sentiment", ("cmumosei-dataset", "cmumosei-process", "cmumosei"), ("label.npz",), None),
+    "sims": ("sentiment", ("sims-dataset", "sims-process", "sims"), ("label.npz",), None),
+    "simsv2": ("sentiment", ("simsv2-dataset", "simsv2-process", "simsv2"), ("label.npz",), None),
+}
+
+
+def read_corpus(path: str, classes) -> dict:
+    """An official MER-UniBench .npz label file -> name -> (emotion word or None, valence or None).
+    NOTE: these files store a pickled dict ({split}_corpus), so they are read with allow_pickle=True: only
+    open label files from the official releases."""
+    with np.load(path, allow_pickle=True) as npz:
+        keys = [k for k in npz.files if k.endswith("_corpus")]
+        tests = [k for k in keys if "test" in k]
+        key = "test_corpus" if "test_corpus" in keys else (tests[0] if len(tests) == 1 else None)
+        if key is None:
+            raise data.DataError(f"{path}: cannot tell the test corpus among {keys or npz.files}")
+        corpus = npz[key].item()
+    out = {}
+    for name, item in corpus.items():
+        emo, val = item.get("emo"), item.get("val")
+        if isinstance(emo, (int, np.integer)) and not isinstance(emo, bool):
+            if classes is None or not 0 <= emo < len(classes):
+                raise data.DataError(f"{path}: clip {name} has class index {emo} outside {classes}")
+            emo = classes[emo]
+        out[str(name)] = (None if emo is None else str(emo).lower().strip(),
+                          None if val is None else float(val))
+    return out
+
+
+def find_unibench(root: str) -> dict:
+    """dataset -> (folder, label file) for the datasets present under root."""
+    found = {}
+    for name, (_, folders, files, _) in UNIBENCH.items():
+        for folder in folders:
+            hits = [f for f in files if os.path.isfile(os.path.join(root, folder, f))]
+            if hits:
+                found[name] = (os.path.join(root, folder), os.path.join(root, folder, hits[0]))
+                break
+    return found
+
+
+def evaluate_unibench(model, args, d, think, lex) -> dict:
+    """Score every available MER-UniBench dataset; returns the table (dataset -> metrics) and the mean."""
+    builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
+    table, found = {}, find_unibench(args.root)
+    for name, (task, _, _, classes) in UNIBENCH.items():
+        if name not in found:
+            continue
+        folder, label_file = found[name]
+        if task == "ovmer":
+            labels = data.read_column(label_file, "openset")
+            corpus = None
+        else:
+            corpus = read_corpus(label_file, classes)
+            labels = {n: (e or "") for n, (e, _) in corpus.items()}
+        sub_file = data.find_subtitles(folder)
+        subtitles = data.read_column(sub_file, ("english", "sentence")) if sub_file else {}
+        clips = [data.Clip(n, labels[n], subtitles.get(n, "")) for n in labels]
+        clips, feats, skipped = prepare(model, folder, clips, args, d)
+        outputs = generate_all(model, clips, feats, args, d, think)
+        first = {c.name: outputs[c.name][0] for c in clips}
+        answers = {n: reward.extract_answer(t) for n, t in first.items()}
+        row = {"task": task, "n": len(clips), "skipped": len(skipped)}
+        if task == "ovmer":
+            row["score"] = ew_metric(answers, {c.name: c.labels for c in clips}, lex)["fscore"]
+        elif task == "hit":
+            row["score"] = hit_rate(answers, {c.name: c.labels for c in clips}, lex)
+        else:
+            polarity = {n: answer_polarity(a, builtin) for n, a in answers.items()}
+            valence = {c.name: corpus[c.name][1] for c in clips if corpus[c.name][1] is not None}
+            s = sentiment_scores(polarity, valence)
+            row.update(score=s["weighted_f1"], accuracy=s["accuracy"], n=s["n"])
+        table[name] = row
+    scores = [r["score"] for r in table.values() if r["score"] is not None]
+    return {"datasets": table, "missing": [n for n in UNIBENCH if n not in found],
+            "mean": sum(scores) / len(scores) if scores else None}
+
+
+# ---- reports --------------------------------------------------------------------------------------------
+
+def write_reports(out: str, metrics: dict, rows: list | None):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    if rows is not None:
+        with open(os.path.join(out, "per_clip.csv"), "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
+            w.writeheader()
+            w.writerows(rows)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_markdown(metrics))
+
+
+def summary_markdown(m: dict) -> str:
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    lines = [f"# Evaluation of `{m['ckpt']}`", ""]
+    if "unibench" in m:
+        u = m["unibench"]
+        lines += ["| dataset | task | score | accuracy | n |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} |"
+                  for k, r in u["datasets"].items()]
+        lines += [f"| **mean** | | {pct(u['mean'])} | | |", "", f"missing datasets: {', '.join(u['missing'])}"]
+        return "\n".join(lines) + "\n"
+    lines += [f"split `{m['split']}` of `{m['data']}`, {m['greedy']['n_clips']} clips, think={m['think']}", "",
+              "| decoding | level | EW-F | precision | recall | format | labels |", "|---|---|---|---|---|---|---|"]
+    for name, r in m.items():
+        if not isinstance(r, dict) or "n_draws" not in r:
+            continue
+        title = {"greedy": "greedy", "sampled": f"{r['n_draws']} samples, T={m['temperature']}, top_p={m['top_p']}"}
+        for level in (1, 2):
+            lines.append(f"| {title.get(name, name.replace('_', ' ') + ' (greedy)')} | {level} | "
+                         f"{pct(r[f'ew_f_l{level}'])} | {pct(r[f'precision_l{level}'])} | "
+                         f"{pct(r[f'recall_l{level}'])} | {pct(r['format_rate'])} | {r['n_labels']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def eval_main(argv):
+    # --think / --no-think as flags, as the other stages spell them
+    argv = ["--think=false" if a in ("--no-think", "--no_think") else "--think=true" if a == "--think" else a
+            for a in argv]
+    args = common.parse_args(Args, argv)
+    ablate = [x.strip() for x in args.ablate.split(",") if x.strip()]
+    if not set(ablate) <= {"video", "audio", "subtitle"}:
+        raise SystemExit(f"error: --ablate {args.ablate!r}: choose among video, audio, subtitle")
+    if args.benchmark not in ("", "merunibench") or (args.benchmark and not args.root):
+        raise SystemExit("error: --benchmark takes 'merunibench' and needs --root DIR")
+    try:
+        ckpt = common.resolve_checkpoint(args.ckpt)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    d = common.setup_dist(args.device)
+    model = model_lib.load_model(ckpt, device=d.device).eval()
+    think, lex = resolve_think(args, ckpt), load_lexicon(args.lexicon)
+    meta = {"ckpt": ckpt, "think": think, "lexicon": lex.source, **{k: v for k, v in asdict(args).items()
+                                                                    if k not in ("ckpt", "think")}}
+    if args.benchmark:
+        metrics, rows = {**meta, "unibench": evaluate_unibench(model, args, d, think, lex)}, None
+    else:
+        root = args.data or "out/synth"
+        clips = data.read_split(root, args.split)
+        result, rows = evaluate_openset(model, root, clips, args, d, think, lex, ablate)
+        metrics = {**meta, "data": root, **result}
+    if d.main:
+        write_reports(args.out, metrics, rows)
+        print(summary_markdown(metrics), end="")
+        print(f"reports in {args.out}/")
+    common.cleanup_dist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `plot`: training curves from metrics.jsonl
+
+PANELS = [("reward/total", "reward (total)"), ("reward/accuracy", "reward: accuracy"),
+          ("reward/format", "reward: format"), ("eval/ew_f", "held-out EW-F (greedy)"), ("train/kl", "KL (k3)"),
+          ("rollout/length_mean", "completion length (tokens)"), ("rollout/n_labels", "labels per answer"),
+          ("train/loss", "training loss")]
+
+
+def plot_main(argv):
+    p = argparse.ArgumentParser(prog="eval.py plot", description="Plot training curves of sft.py/grpo.py runs.")
+    p.add_argument("--run", nargs="+", required=True, help="run folders (with metrics.jsonl), overlaid")
+    p.add_argument("--label", nargs="*", help="legend names (default: folder names)")
+    p.add_argument("--out", default="out/plots", help="folder for curves.png")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: eval.py plot needs matplotlib (pip install matplotlib)")
+    runs = {}
+    for i, run in enumerate(args.run):
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path}: no such file")
+        with open(path) as f:
+            runs[(args.label or [])[i] if args.label and i < len(args.label) else os.path.basename(run.rstrip("/"))] \
+                = [json.loads(line) for line in f if line.strip()]
+    panels = [(k, t) for k, t in PANELS if any(k in m for ms in runs.values() for m in ms)]
+    cols = 4
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for name, ms in runs.items():
+            pts = [(m["step"], m[key]) for m in ms if key in m and m[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name, marker="o" if key.startswith("eval/") else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, "curves.png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["score"]:
         return score_main(argv[1:])
-    sys.exit("usage: python eval.py score --pred P --gt G [...]  (see python eval.py score --help)")
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
+    return eval_main(argv)
 
 
 if __name__ == "__main__":

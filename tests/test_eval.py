@@ -1,0 +1,193 @@
+"""eval.py: report correctness on hand-made completions, MER-UniBench readers on generated fixtures, the
+evaluation CLI on one and two ranks, plots, and the reproduction script's quick mode."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+import data
+import eval as ev
+import model as M
+import reward
+from conftest import ROOT
+from test_data import write_video
+
+
+@pytest.fixture(scope="module")
+def lex():
+    return reward.load_lexicon("builtin")
+
+
+def test_openset_report_by_hand(lex):
+    completions = {"a": "<think>x</think><answer>happy, angry</answer>",  # P = 1/2, R = 1
+                   "b": "<answer>sad</answer>",                              # P = 1, R = 1/2; no <think>
+                   "c": "sad and angry, no tags"}                            # no answer: P = R = 0
+    gts = {"a": "happy", "b": "sad, angry", "c": "afraid"}
+    r = ev.openset_report(completions, gts, lex, think=True)
+    # every wheel: mean P = mean R = 1/2 -> F = 1/2
+    assert (r["ew_f_l1"], r["precision_l1"], r["recall_l1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert r["format_rate"] == pytest.approx(1 / 3) and r["n_labels"] == pytest.approx(1.0)
+    assert r["n_labels_hist"] == {0: 1, 1: 1, 2: 1}
+
+
+@pytest.mark.parametrize("labels, polarity", [(["happy", "cheerful"], "positive"), (["sad"], "negative"),
+                                              (["happy", "sad"], "neutral"), ([], "neutral"),
+                                              (["xyzzy"], "neutral"), (["angry", "afraid", "happy"], "negative")])
+def test_answer_polarity(lex, labels, polarity):
+    assert ev.answer_polarity(labels, lex) == polarity
+
+
+def test_sentiment_scores_by_hand():
+    valence = {"a": 1.5, "b": -2.0, "c": 0.0, "d": 0.4, "e": -0.1, "f": 2.0}
+    pred = {"a": "positive", "b": "negative", "c": "positive", "d": "neutral", "e": "positive", "f": "positive"}
+    s = ev.sentiment_scores(pred, valence)
+    # c is removed (valence 0); d's neutral counts as negative. positive: tp 2 (a, f), fp 1 (e), fn 1 (d) ->
+    # F1 2/3; negative: tp 1 (b), fp 1 (d), fn 1 (e) -> 1/2; weighted by support 3 : 2 -> 0.6
+    assert s == {"weighted_f1": pytest.approx(0.6), "accuracy": pytest.approx(0.6), "n": 5}
+
+
+# ---- MER-UniBench fixtures in the official layouts ----------------------------------------------------------
+
+def clip_media(folder, video_dir, audio_dir, names):
+    os.makedirs(folder / video_dir, exist_ok=True)
+    os.makedirs(folder / audio_dir, exist_ok=True)
+    for i, name in enumerate(names):
+        write_video(folder / video_dir / f"{name}.mp4", [40 * i + 20] * 3, size=(32, 32))
+        soundfile.write(folder / audio_dir / f"{name}.wav", np.zeros(8000, np.float32), 16000)
+
+
+def transcript(path, names):
+    path.write_text("name,chinese,english\n" + "".join(f"{n},你好,I feel fine {i}\n" for i, n in enumerate(names)))
+
+
+def save_corpus(path, corpus, key="test_corpus"):
+    np.savez(path, **{key: np.array(corpus, dtype=object), "train_corpus": np.array({}, dtype=object)})
+
+
+@pytest.fixture(scope="module")
+def unibench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unibench")
+    ov = root / "ovmerdplus-process"
+    clip_media(ov, "video", "audio", ["o1", "o2", "o3"])
+    (ov / "track2_test.csv").write_text("name,openset\no1,\"['happy', 'excited']\"\no2,\"['sad']\"\no3,\"['angry']\"\n")
+    transcript(ov / "subtitle_chieng.csv", ["o1", "o2", "o3"])
+    mer = root / "mer2023-dataset-process"
+    clip_media(mer, "video", "audio", ["m1", "m2", "m3", "m4"])
+    save_corpus(mer / "label-6way.npz", {"m1": {"emo": "happy", "val": 1.0}, "m2": {"emo": "neutral", "val": 0},
+                                         "m3": {"emo": "worried", "val": -1.0}, "m4": {"emo": "angry", "val": -2}})
+    transcript(mer / "transcription-engchi-polish.csv", ["m1", "m2", "m3", "m4"])
+    meld = root / "meld-dataset"
+    clip_media(meld, "subvideo", "subaudio", ["e1", "e2"])
+    save_corpus(meld / "label.npz", {"e1": {"emo": 1, "val": 0}, "e2": {"emo": 2, "val": 0}})  # joy, sadness
+    mosi = root / "cmumosi-dataset"
+    clip_media(mosi, "subvideo", "subaudio", ["s1", "s2", "s3"])
+    save_corpus(mosi / "label.npz", {"s1": {"emo": None, "val": 1.8}, "s2": {"emo": None, "val": -0.6},
+                                     "s3": {"emo": None, "val": 0.0}})
+    return root
+
+
+def test_corpus_reader(unibench, tmp_path):
+    corpus = ev.read_corpus(str(unibench / "meld-dataset" / "label.npz"), ev.UNIBENCH["meld"][3])
+    assert corpus == {"e1": ("joy", 0.0), "e2": ("sadness", 0.0)}  # integer classes read as indices
+    mosi = ev.read_corpus(str(unibench / "cmumosi-dataset" / "label.npz"), None)
+    assert mosi["s2"] == (None, -0.6)
+    save_corpus(tmp_path / "bad.npz", {"x": {"emo": 9, "val": 0}})
+    with pytest.raises(data.DataError, match=r"bad.npz: clip x has class index 9"):
+        ev.read_corpus(str(tmp_path / "bad.npz"), ("a", "b"))
+    np.savez(tmp_path / "two.npz", test1_corpus=np.array({}, dtype=object), test2_corpus=np.array({}, dtype=object))
+    with pytest.raises(data.DataError, match="cannot tell the test corpus"):
+        ev.read_corpus(str(tmp_path / "two.npz"), None)
+    found = ev.find_unibench(str(unibench))
+    assert sorted(found) == ["cmumosi", "meld", "mer2023", "ovmerdplus"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "ckpt"
+    M.save_model(M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu"), str(path))
+    return path
+
+
+def run_eval(*args, nproc=1):
+    cmd = [sys.executable, str(ROOT / "eval.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(ROOT / "eval.py")]
+    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def test_merunibench_table(unibench, tiny_ckpt, tmp_path):
+    out = tmp_path / "ub"
+    r = run_eval("--ckpt", tiny_ckpt, "--benchmark", "merunibench", "--root", unibench, "--out", out,
+                 "--max_new_tokens", 12, "--feature_cache", tmp_path / "f")
+    m = json.loads((out / "metrics.json").read_text())["unibench"]
+    assert {k: (v["task"], v["n"]) for k, v in m["datasets"].items()} == {
+        "ovmerdplus": ("ovmer", 3), "mer2023": ("hit", 4), "meld": ("hit", 2), "cmumosi": ("sentiment", 2)}
+    assert set(m["missing"]) == {"mer2024", "iemocapfour", "cmumosei", "sims", "simsv2"}
+    scores = [v["score"] for v in m["datasets"].values() if v["score"] is not None]
+    assert m["mean"] == pytest.approx(sum(scores) / len(scores))
+    assert "| **mean** |" in r.stdout and "missing datasets: mer2024" in r.stdout
+
+
+def test_eval_on_one_and_two_ranks_agree(synth_data, tiny_ckpt, tmp_path):
+    args = ["--ckpt", tiny_ckpt, "--data", synth_data, "--split", "test", "--max_new_tokens", 12,
+            "--feature_cache", tmp_path / "f", "--sample", 2, "--ablate", "subtitle"]
+    run_eval(*args, "--out", tmp_path / "one")
+    run_eval(*args, "--out", tmp_path / "two", nproc=2)
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("greedy", "without_subtitle"):
+        assert one[key] == two[key]
+    assert one["greedy"]["n_clips"] == 16 and one["sampled"]["n_draws"] == 2
+    with open(tmp_path / "one" / "per_clip.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["name", "decoding", "sample", "completion", "labels", "ground_truth", "ew_score",
+                             "format"]
+    assert [r["decoding"] for r in rows].count("greedy") == 16 and len(rows) == 16 * (1 + 2)
+    assert "| greedy | 1 |" in (tmp_path / "one" / "summary.md").read_text()
+
+
+def test_eval_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="--ablate 'face'"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--ablate", "face"])
+    with pytest.raises(SystemExit, match="no checkpoint there"):
+        ev.main(["--ckpt", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs --root"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--benchmark", "merunibench"])
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, acc in (("a", 0.2), ("b", 0.4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "reward/total": acc + s / 10, "train/kl": s / 100}) + "\n" for s in range(5)))
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "plot", "--run", str(tmp_path / "a"),
+                        str(tmp_path / "b"), "--out", str(tmp_path / "plots")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    png = (tmp_path / "plots" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_reproduce_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--quick", "--out", str(tmp_path / "repro")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = (tmp_path / "repro" / "results.md").read_text()
+    for title in ("## 1. SFT vs SFT + GRPO", "## 2. Reward variants", "## 3. Think vs no-think",
+                  "## 4. Modality ablation"):
+        assert title in results
+    assert re.search(r"\| SFT \+ GRPO \(accuracy \+ format\) \| \d+\.\d ± \d+\.\d \|", results)
+    for plot in ("grpo_seeds", "rewards", "sft"):
+        assert (tmp_path / "repro" / "plots" / plot / "curves.png").is_file()
