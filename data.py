@@ -70,9 +70,9 @@ class DataError(ValueError):
 
 
 def read_table(path: str, required, optional=()) -> list:
-    """Rows of a CSV as dicts with the `required` columns (and the `optional` ones that exist). `required` may
-    hold alternatives as tuples: ("english", "sentence") means either column; the first found is returned
-    under the first name."""
+    """Rows of a CSV as dicts with the `required` columns (and the `optional` ones that exist), each with its
+    line number under "_line". `required` may hold alternatives as tuples: ("english", "sentence") means either
+    column; the first found is returned under the first name."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -92,18 +92,63 @@ def read_table(path: str, required, optional=()) -> list:
                 continue
             if len(row) != len(header):
                 raise DataError(f"{path}, line {reader.line_num}: expected {len(header)} fields, got {len(row)}")
-            rows.append({k: row[i] for k, i in columns.items()})
+            rows.append({"_line": reader.line_num, **{k: row[i] for k, i in columns.items()}})
     return rows
 
 
 def read_column(path: str, column, optional=False) -> dict:
-    """name -> value of one column; missing optional file -> {}."""
+    """name -> value of one column; a missing optional file -> {}. Empty and repeated names are errors."""
     if optional and not os.path.isfile(path):
         return {}
     key = column[0] if isinstance(column, tuple) else column
     out = {}
     for row in read_table(path, ["name", column]):
-        out[row["name"].strip()] = row[key]
+        name = row["name"].strip()
+        if not name or name in out:
+            raise DataError(f"{path}, line {row['_line']}: {'empty' if not name else 'duplicate'} name {name!r}")
+        out[name] = row[key]
+    return out
+
+
+def read_label_file(path: str) -> dict:
+    """name -> label string, from a `name, openset` CSV or a `filenames, fileitems` .npz (the released model
+    outputs). Errors name the file and the row."""
+    if not path.endswith(".npz"):
+        return read_column(path, "openset")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with np.load(path, allow_pickle=False) as npz:
+        if not {"filenames", "fileitems"} <= set(npz.files):
+            raise DataError(f"{path}: needs arrays 'filenames' and 'fileitems', found {sorted(npz.files)}")
+        names, items = [str(n).strip() for n in npz["filenames"]], [str(i) for i in npz["fileitems"]]
+    if len(names) != len(items):
+        raise DataError(f"{path}: {len(names)} filenames but {len(items)} fileitems")
+    for k, name in enumerate(names):
+        if not name or names.index(name) != k:
+            raise DataError(f"{path}, item {k}: {'empty' if not name else 'duplicate'} name {name!r}")
+    return dict(zip(names, items))
+
+
+def read_unibench_labels(path: str, classes=None) -> dict:
+    """An official MER-UniBench .npz label file -> name -> (emotion word or None, valence or None).
+    NOTE: these files store a pickled dict ({split}_corpus), so they are read with allow_pickle=True: only
+    open label files from the official releases."""
+    with np.load(path, allow_pickle=True) as npz:
+        keys = [k for k in npz.files if k.endswith("_corpus")]
+        tests = [k for k in keys if "test" in k]
+        key = "test_corpus" if "test_corpus" in keys else (tests[0] if len(tests) == 1 else None)
+        if key is None:
+            raise DataError(f"{path}: cannot tell the test corpus among {keys or npz.files}")
+        corpus = npz[key].item()
+    out = {}
+    for name, item in corpus.items():
+        emo, val = item.get("emo"), item.get("val")
+        if isinstance(emo, (int, np.integer)) and not isinstance(emo, bool):
+            if classes is None or not 0 <= emo < len(classes):
+                raise DataError(f"{path}: clip {name} has class index {emo} outside {classes}")
+            emo = classes[emo]
+        out[str(name)] = (None if emo is None else str(emo).lower().strip(),
+                          None if val is None else float(val))
     return out
 
 

@@ -44,81 +44,10 @@ import common
 import data
 import model as model_lib
 import reward
-from reward import N_WHEELS, ew_metric, hit_rate, load_lexicon, parse_labels
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading label files
-
-
-def read_label_file(path: str) -> dict:
-    """name -> label string, from a `name, openset` CSV or a `filenames, fileitems` .npz. Errors name the file
-    and the row."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            if not {"filenames", "fileitems"} <= set(npz.files):
-                raise ValueError(f"{path}: needs arrays 'filenames' and 'fileitems', found {sorted(npz.files)}")
-            names, items = npz["filenames"], npz["fileitems"]
-        if len(names) != len(items):
-            raise ValueError(f"{path}: {len(names)} filenames but {len(items)} fileitems")
-        pairs = [(str(n), str(i), f"item {k}") for k, (n, i) in enumerate(zip(names, items))]
-    else:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            if not {"name", "openset"} <= set(header):
-                raise ValueError(f"{path}: needs columns 'name' and 'openset'; header is {header}")
-            i_name, i_labels = header.index("name"), header.index("openset")
-            pairs = []
-            for row in reader:
-                if not row:
-                    continue  # blank line
-                where = f"line {reader.line_num}"
-                if len(row) != len(header):
-                    raise ValueError(f"{path}, {where}: expected {len(header)} fields, got {len(row)}: {row}")
-                pairs.append((row[i_name].strip(), row[i_labels], where))
-    out = {}
-    for name, labels, where in pairs:
-        if not name:
-            raise ValueError(f"{path}, {where}: empty name")
-        if name in out:
-            raise ValueError(f"{path}, {where}: duplicate name {name!r}")
-        out[name] = labels
-    return out
-
+from reward import ew_metric, hit_rate, load_lexicon, parse_labels
 
 # ----------------------------------------------------------------------------------------------------------
 # Scores of model outputs
-
-
-def answer_polarity(labels, lex) -> str:
-    """positive / negative / neutral: each label votes with its sector's polarity in every wheel covering it."""
-    votes = collections.Counter()
-    for label in labels:
-        for k, sector in enumerate(lex.lookup(label)[0]):
-            if sector is not None:
-                votes[lex.polarity[k].get(sector, "neutral")] += 1
-    if votes["positive"] > votes["negative"]:
-        return "positive"
-    return "negative" if votes["negative"] > votes["positive"] else "neutral"
-
-
-def sentiment_scores(pred_polarity: dict, valence: dict) -> dict:
-    """Binary sentiment (valence > 0 vs < 0; 0 removed): weighted F1 and accuracy. A predicted neutral counts
-    as negative, as (pred > 0) does in the official pipeline."""
-    pairs = [(v > 0, pred_polarity[n] == "positive") for n, v in valence.items() if v != 0]
-    if not pairs:
-        return {"weighted_f1": None, "accuracy": None, "n": 0}
-    f1s, weights = [], []
-    for cls in (True, False):
-        tp = sum(g == cls and p == cls for g, p in pairs)
-        fp = sum(g != cls and p == cls for g, p in pairs)
-        fn = sum(g == cls and p != cls for g, p in pairs)
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-        weights.append(sum(g == cls for g, _ in pairs))
-    return {"weighted_f1": sum(f * w for f, w in zip(f1s, weights)) / len(pairs),
-            "accuracy": sum(g == p for g, p in pairs) / len(pairs), "n": len(pairs)}
 
 
 def openset_report(completions: dict, gts: dict, lex, think: bool) -> dict:
@@ -150,7 +79,7 @@ def dropped_words(preds: dict, lex) -> collections.Counter:
 
 def score_files(pred_path, gt_path, lexicon="builtin", level=1, task="ovmer", missing_as_empty=False) -> dict:
     """Read, check and score two label files; returns a JSON-able report."""
-    preds, gts = read_label_file(pred_path), read_label_file(gt_path)
+    preds, gts = data.read_label_file(pred_path), data.read_label_file(gt_path)
     missing = [n for n in gts if n not in preds]
     if missing and not missing_as_empty:
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
@@ -366,29 +295,6 @@ UNIBENCH = {
 }
 
 
-def read_corpus(path: str, classes) -> dict:
-    """An official MER-UniBench .npz label file -> name -> (emotion word or None, valence or None).
-    NOTE: these files store a pickled dict ({split}_corpus), so they are read with allow_pickle=True: only
-    open label files from the official releases."""
-    with np.load(path, allow_pickle=True) as npz:
-        keys = [k for k in npz.files if k.endswith("_corpus")]
-        tests = [k for k in keys if "test" in k]
-        key = "test_corpus" if "test_corpus" in keys else (tests[0] if len(tests) == 1 else None)
-        if key is None:
-            raise data.DataError(f"{path}: cannot tell the test corpus among {keys or npz.files}")
-        corpus = npz[key].item()
-    out = {}
-    for name, item in corpus.items():
-        emo, val = item.get("emo"), item.get("val")
-        if isinstance(emo, (int, np.integer)) and not isinstance(emo, bool):
-            if classes is None or not 0 <= emo < len(classes):
-                raise data.DataError(f"{path}: clip {name} has class index {emo} outside {classes}")
-            emo = classes[emo]
-        out[str(name)] = (None if emo is None else str(emo).lower().strip(),
-                          None if val is None else float(val))
-    return out
-
-
 def find_unibench(root: str) -> dict:
     """dataset -> (folder, label file) for the datasets present under root."""
     found = {}
@@ -413,7 +319,7 @@ def evaluate_unibench(model, args, d, think, lex) -> dict:
             labels = data.read_column(label_file, "openset")
             corpus = None
         else:
-            corpus = read_corpus(label_file, classes)
+            corpus = data.read_unibench_labels(label_file, classes)
             labels = {n: (e or "") for n, (e, _) in corpus.items()}
         sub_file = data.find_subtitles(folder)
         subtitles = data.read_column(sub_file, ("english", "sentence")) if sub_file else {}
@@ -428,9 +334,9 @@ def evaluate_unibench(model, args, d, think, lex) -> dict:
         elif task == "hit":
             row["score"] = hit_rate(answers, {c.name: c.labels for c in clips}, lex)
         else:
-            polarity = {n: answer_polarity(a, builtin) for n, a in answers.items()}
+            polarity = {n: reward.answer_polarity(a, builtin) for n, a in answers.items()}
             valence = {c.name: corpus[c.name][1] for c in clips if corpus[c.name][1] is not None}
-            s = sentiment_scores(polarity, valence)
+            s = reward.sentiment_scores(polarity, valence)
             row.update(score=s["weighted_f1"], accuracy=s["accuracy"], n=s["n"])
         table[name] = row
     scores = [r["score"] for r in table.values() if r["score"] is not None]

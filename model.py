@@ -43,12 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import data  # the one prompt builder of every stage, the tokenizer corpus, the audio rate
+
 PLACEHOLDERS = ("<|fused|>", "<|audio|>", "<|video|>")  # in this order in every prompt
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SAMPLE_RATE = 16_000
 # normalisation of frames per vision family (CLIP's published statistics; SigLIP uses 0.5 / 0.5)
 PIXEL_STATS = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
                "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
@@ -302,7 +303,7 @@ class AffectGPT(nn.Module):
     def _whisper_features(self, wave):
         from transformers import WhisperFeatureExtractor
         fe = WhisperFeatureExtractor(feature_size=self.audio.config.num_mel_bins)
-        feats = fe(list(wave.cpu().numpy()), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        feats = fe(list(wave.cpu().numpy()), sampling_rate=data.SAMPLE_RATE, return_tensors="pt").input_features
         dtype = next(self.audio.parameters()).dtype
         hidden = self.audio(input_features=feats.to(self.device, dtype)).last_hidden_state
         n = max(1, math.ceil(wave.shape[1] / 320))  # encoder frames cover 20 ms each; skip the padding
@@ -425,7 +426,6 @@ class AffectGPT(nn.Module):
     def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, **sampling) -> list:
         """Completions (text) for clips given their subtitles and encoder features, in batches; `sampling`
         goes to generate (greedy=True, or temperature / top_p / top_k / generator)."""
-        import data  # the one prompt builder of every stage
         texts = []
         for i in range(0, len(subtitles), batch_size):
             batch = data.collate_prompts(self.tokenizer, subtitles[i:i + batch_size], think, self.cfg.n_tokens)
@@ -561,10 +561,9 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | 
     torch.manual_seed(cfg.seed)  # random-init weights are a function of the seed
     random_init = cfg.random_init or cfg.llm is None
     if tokenizer is None:
-        if cfg.llm is not None:
+        if cfg.llm is not None and not random_init:
             tokenizer = AutoTokenizer.from_pretrained(cfg.llm, padding_side="left")
-        else:
-            import data  # the corpus of the on-the-fly tokenizer: our lexicon and prompt templates
+        else:  # no hub: a small tokenizer trained on the fly (the LLM keeps its real vocabulary size)
             tokenizer = build_tokenizer(data.tokenizer_corpus(), cfg.tokenizer_vocab, cfg.seed)
     tokenizer = prepare_tokenizer(tokenizer)
     if random_init:

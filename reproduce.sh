@@ -140,6 +140,15 @@ for title, name in (("SFT", "sft"), ("SFT + GRPO (accuracy + format)", "grpo"),
     sampled = spread([m["sampled"]["ew_f_l1"] for m in ms]) if "sampled" in ms[0] else "-"
     lines.append(f"| {title} | {spread([x['ew_f_l1'] for x in g])} | {spread([x['precision_l1'] for x in g])} | "
                  f"{spread([x['recall_l1'] for x in g])} | {statistics.mean(x['n_labels'] for x in g):.2f} | {sampled} |")
+gain = lambda a, b, mode: [ev(f"{a}_s{s}")[mode]["ew_f_l1"] - ev(f"{b}_s{s}")[mode]["ew_f_l1"]  # noqa: E731
+                            for s in range(3)]
+for mode in ("greedy", "sampled") if "sampled" in ev("sft_s0") else ("greedy",):
+    g = gain("grpo", "sft", mode)
+    lines.append(f"\nGRPO minus SFT, paired by seed ({mode}): " + ", ".join(f"{100 * x:+.1f}" for x in g)
+                 + f" (mean {100 * statistics.mean(g):+.1f} ± {pct(statistics.stdev(g))})")
+c = gain("grpo", "sftrl", "greedy")
+lines.append("\nGRPO minus the control, paired by seed (greedy): " + ", ".join(f"{100 * x:+.1f}" for x in c)
+             + f" (mean {100 * statistics.mean(c):+.1f} ± {pct(statistics.stdev(c))})")
 lines += ["", "## 2. Reward variants (seed 0)", "",
           "| reward | EW-F | precision | recall | labels (test, greedy) | labels (training samples, first -> last step) |",
           "|---|---|---|---|---|---|"]

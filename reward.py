@@ -47,6 +47,7 @@ Command line (prints how every label travels through the wheels, and every rewar
 """
 
 import argparse
+import collections
 import csv
 import json
 import math
@@ -394,6 +395,39 @@ def hit_rate(preds: dict, gts: dict, lex: Lexicon, per_wheel: bool = False):
     used = [r for r, n in rates if n]
     rate = math.fsum(used) / len(used) if used else None
     return (rate, rates) if per_wheel else rate
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sentiment from emotion labels (MER-UniBench's sentiment sets)
+
+
+def answer_polarity(labels, lex) -> str:
+    """positive / negative / neutral: each label votes with its sector's polarity in every wheel covering it."""
+    votes = collections.Counter()
+    for label in labels:
+        for k, sector in enumerate(lex.lookup(label)[0]):
+            if sector is not None:
+                votes[lex.polarity[k].get(sector, "neutral")] += 1
+    if votes["positive"] > votes["negative"]:
+        return "positive"
+    return "negative" if votes["negative"] > votes["positive"] else "neutral"
+
+
+def sentiment_scores(pred_polarity: dict, valence: dict) -> dict:
+    """Binary sentiment (valence > 0 vs < 0; 0 removed): weighted F1 and accuracy. A predicted neutral counts
+    as negative, as (pred > 0) does in the official pipeline."""
+    pairs = [(v > 0, pred_polarity[n] == "positive") for n, v in valence.items() if v != 0]
+    if not pairs:
+        return {"weighted_f1": None, "accuracy": None, "n": 0}
+    f1s, weights = [], []
+    for cls in (True, False):
+        tp = sum(g == cls and p == cls for g, p in pairs)
+        fp = sum(g != cls and p == cls for g, p in pairs)
+        fn = sum(g == cls and p != cls for g, p in pairs)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        weights.append(sum(g == cls for g, _ in pairs))
+    return {"weighted_f1": sum(f * w for f, w in zip(f1s, weights)) / len(pairs),
+            "accuracy": sum(g == p for g, p in pairs) / len(pairs), "n": len(pairs)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +47,14 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_small")
     data.synthesize(str(out), n_train=48, n_test=16, seed=0, progress=False, n_val=8)
     return out
+
+
+def run_script(script: str, *args, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the stage scripts as users do (torchrun when nproc > 1); fail the test with its output."""
+    cmd = [sys.executable, str(ROOT / script)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(ROOT / script)]
+    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r

@@ -16,7 +16,7 @@ import data
 import eval as ev
 import model as M
 import reward
-from conftest import ROOT
+from conftest import ROOT, run_script
 from test_data import write_video
 
 
@@ -41,13 +41,13 @@ def test_openset_report_by_hand(lex):
                                               (["happy", "sad"], "neutral"), ([], "neutral"),
                                               (["xyzzy"], "neutral"), (["angry", "afraid", "happy"], "negative")])
 def test_answer_polarity(lex, labels, polarity):
-    assert ev.answer_polarity(labels, lex) == polarity
+    assert reward.answer_polarity(labels, lex) == polarity
 
 
 def test_sentiment_scores_by_hand():
     valence = {"a": 1.5, "b": -2.0, "c": 0.0, "d": 0.4, "e": -0.1, "f": 2.0}
     pred = {"a": "positive", "b": "negative", "c": "positive", "d": "neutral", "e": "positive", "f": "positive"}
-    s = ev.sentiment_scores(pred, valence)
+    s = reward.sentiment_scores(pred, valence)
     # c is removed (valence 0); d's neutral counts as negative. positive: tp 2 (a, f), fp 1 (e), fn 1 (d) ->
     # F1 2/3; negative: tp 1 (b), fp 1 (d), fn 1 (e) -> 1/2; weighted by support 3 : 2 -> 0.6
     assert s == {"weighted_f1": pytest.approx(0.6), "accuracy": pytest.approx(0.6), "n": 5}
@@ -94,16 +94,16 @@ def unibench(tmp_path_factory):
 
 
 def test_corpus_reader(unibench, tmp_path):
-    corpus = ev.read_corpus(str(unibench / "meld-dataset" / "label.npz"), ev.UNIBENCH["meld"][3])
+    corpus = data.read_unibench_labels(str(unibench / "meld-dataset" / "label.npz"), ev.UNIBENCH["meld"][3])
     assert corpus == {"e1": ("joy", 0.0), "e2": ("sadness", 0.0)}  # integer classes read as indices
-    mosi = ev.read_corpus(str(unibench / "cmumosi-dataset" / "label.npz"), None)
+    mosi = data.read_unibench_labels(str(unibench / "cmumosi-dataset" / "label.npz"), None)
     assert mosi["s2"] == (None, -0.6)
     save_corpus(tmp_path / "bad.npz", {"x": {"emo": 9, "val": 0}})
     with pytest.raises(data.DataError, match=r"bad.npz: clip x has class index 9"):
-        ev.read_corpus(str(tmp_path / "bad.npz"), ("a", "b"))
+        data.read_unibench_labels(str(tmp_path / "bad.npz"), ("a", "b"))
     np.savez(tmp_path / "two.npz", test1_corpus=np.array({}, dtype=object), test2_corpus=np.array({}, dtype=object))
     with pytest.raises(data.DataError, match="cannot tell the test corpus"):
-        ev.read_corpus(str(tmp_path / "two.npz"), None)
+        data.read_unibench_labels(str(tmp_path / "two.npz"), None)
     found = ev.find_unibench(str(unibench))
     assert sorted(found) == ["cmumosi", "meld", "mer2023", "ovmerdplus"]
 
@@ -116,13 +116,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def run_eval(*args, nproc=1):
-    cmd = [sys.executable, str(ROOT / "eval.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "eval.py")]
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
+    return run_script("eval.py", *args, nproc=nproc)
 
 
 def test_merunibench_table(unibench, tiny_ckpt, tmp_path):
@@ -170,7 +164,8 @@ def test_plot(tmp_path):
     for name, acc in (("a", 0.2), ("b", 0.4)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text(
-            "".join(json.dumps({"step": s, "reward/total": acc + s / 10, "train/kl": s / 100}) + "\n" for s in range(5)))
+            "".join(json.dumps({"step": s, "reward/total": acc + s / 10, "train/kl": s / 100}) + "\n"
+                    for s in range(5)))
     r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "plot", "--run", str(tmp_path / "a"),
                         str(tmp_path / "b"), "--out", str(tmp_path / "plots")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -61,10 +61,10 @@ def test_hit_task(tmp_path):
 
 
 @pytest.mark.parametrize("rows, header, message", [
-    ([("a", "happy")], ("name", "labels"), "needs columns 'name' and 'openset'"),
+    ([("a", "happy")], ("name", "labels"), "needs column 'openset'"),
     ([("a", "happy"), ("b", "sad", "extra")], ("name", "openset"), "line 3: expected 2 fields, got 3"),
     ([("a", "happy"), ("a", "sad")], ("name", "openset"), "line 3: duplicate name 'a'"),
-    ([("", "happy")], ("name", "openset"), "line 2: empty name"),
+    ([("", "happy")], ("name", "openset"), "line 2: empty name ''"),
 ])
 def test_malformed_csv_names_file_and_row(tmp_path, rows, header, message):
     bad = write_csv(tmp_path / "bad.csv", rows, header)

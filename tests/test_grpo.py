@@ -15,7 +15,7 @@ import data
 import grpo
 import model as M
 import reward
-from conftest import ROOT
+from conftest import ROOT, run_script
 from grpo_case import gradients, make_case, sub_rollout
 
 
@@ -298,13 +298,7 @@ def test_grpo_raises_the_reward_of_a_bandit():
 # ---- the script -------------------------------------------------------------------------------------------
 
 def run_grpo(*args, nproc=1):
-    cmd = [sys.executable, str(ROOT / "grpo.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "grpo.py")]
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
+    return run_script("grpo.py", *args, nproc=nproc)
 
 
 def grpo_flags(sft_ckpt, synth_data, out, steps):

@@ -308,3 +308,13 @@ def test_fresh_adapters_on_a_fully_trained_model(tokenizer, tmp_path):
         assert torch.equal(loaded(enc["input_ids"], enc["attention_mask"], feats), after)
     with pytest.raises(ValueError, match="already"):
         M.add_lora(model, r=4, alpha=8)
+
+
+def test_random_init_of_a_named_model_needs_no_hub(tmp_path):
+    # HF_HUB_OFFLINE=1 (conftest): any download attempt would raise here
+    cfg = M.ModelConfig.from_preset("tiny", llm="Qwen/Qwen2.5-0.5B-Instruct", vision="openai/clip-vit-large-patch14",
+                                    audio="TencentGameMate/chinese-hubert-large", random_init=True)
+    model = M.build_model(cfg, device="cpu")
+    assert model.llm.config.vocab_size == 151936 > len(model.tokenizer)  # the real vocabulary size is kept
+    M.save_model(model, str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "base.safetensors").is_file()  # random weights travel with the checkpoint

@@ -13,19 +13,13 @@ import data
 import model as M
 import reward
 import sft
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 COMMON = ["--val_size", "8", "--log_every", "1", "--keep_last", "5"]
 
 
-def run_sft(*args, nproc=1, timeout=600):
-    cmd = [sys.executable, str(ROOT / "sft.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "sft.py")]
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
+def run_sft(*args, nproc=1):
+    return run_script("sft.py", *args, nproc=nproc)
 
 
 def metrics(out):
