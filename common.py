@@ -278,3 +278,20 @@ def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 1
             dataset.skipped.update(json.load(open(path)))
     dataset.clips = [c for c in dataset.clips if c.name in feats]
     return feats
+
+
+def complete_sharded(model, clips, feats: dict, d: Dist, n: int = 1, **kwargs) -> dict:
+    """name -> n completions of each clip. The clips are split over the ranks and every rank gets all the
+    results; kwargs go to model.complete (think, max_new_tokens, batch_size, greedy or sampling parameters)."""
+    import data
+    mine = clips[d.rank::d.world]
+    texts = []
+    if mine:  # a rank can be left without clips (fewer clips than ranks)
+        media = {k: v.repeat_interleave(n, 0) for k, v in data.stack_media(feats, [c.name for c in mine]).items()}
+        texts = model.complete([c.subtitle for c in mine for _ in range(n)], media, **kwargs)
+    part = {c.name: texts[i * n:(i + 1) * n] for i, c in enumerate(mine)}
+    if d.world > 1:
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, part)
+        part = {k: v for g in gathered for k, v in g.items()}
+    return part

@@ -395,7 +395,10 @@ def tokenize_example(tokenizer, clip: Clip, think: bool, n_tokens: int, max_leng
     target = tokenizer(build_target(clip.labels, clip.reason, think), add_special_tokens=False)
     ids = prompt["input_ids"] + target["input_ids"] + [tokenizer.eos_token_id]
     labels = [-100] * len(prompt["input_ids"]) + target["input_ids"] + [tokenizer.eos_token_id]
-    if len(ids) > max_length:  # cut the target, never the prompt (the media placeholders live there)
+    if len(prompt["input_ids"]) >= max_length:  # the media placeholders live in the prompt: never cut it
+        raise DataError(f"clip {clip.name}: its prompt has {len(prompt['input_ids'])} tokens, no room for a "
+                        f"target within max_length {max_length} (a very long subtitle?)")
+    if len(ids) > max_length:  # cut the target (and its EOS)
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}
 

@@ -198,22 +198,11 @@ def blank_features(model) -> dict:
 def generate_all(model, clips, feats, args, d, think, draws: int = 0) -> dict:
     """name -> list of completions (greedy when draws = 0, else `draws` samples), sharded over ranks and
     gathered on every rank."""
-    mine = clips[d.rank::d.world]
-    n = max(1, draws)
-    subtitles = [c.subtitle for c in mine for _ in range(n)]
-    media = {k: v.repeat_interleave(n, 0) for k, v in data.stack_media(feats, [c.name for c in mine]).items()} \
-        if mine else {}
     sampling = {"greedy": True} if draws == 0 else {
         "temperature": args.temperature, "top_p": args.top_p,
         "generator": torch.Generator(d.device).manual_seed(args.seed * 1009 + d.rank)}
-    texts = model.complete(subtitles, media, think=think, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, **sampling) if mine else []
-    part = {c.name: texts[i * n:(i + 1) * n] for i, c in enumerate(mine)}
-    if d.world > 1:
-        gathered = [None] * d.world
-        torch.distributed.all_gather_object(gathered, part)
-        part = {k: v for g in gathered for k, v in g.items()}
-    return part
+    return common.complete_sharded(model, clips, feats, d, max(1, draws), think=think,
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **sampling)
 
 
 def prepare(model, root, clips, args, d) -> tuple:
@@ -240,8 +229,11 @@ def score_draws(outputs: dict, gts: dict, lex, think) -> dict:
     metrics = {"n_clips": len(gts), "n_draws": len(draws)}
     for key in (draws[0] if draws else {}):
         values = [m[key] for m in draws]
-        if isinstance(values[0], dict) or None in values:
-            metrics[key] = values[0]
+        if isinstance(values[0], dict):  # label-count histogram: counts over all draws
+            metrics[key] = dict(sorted(sum((collections.Counter(v) for v in values), collections.Counter()).items()))
+            continue
+        if values[0] is None:  # no usable ground truth: the same in every draw
+            metrics[key] = None
             continue
         metrics[key] = sum(values) / len(values)
         if len(values) > 1:

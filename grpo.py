@@ -304,7 +304,8 @@ def step_metrics(ro: Rollout, info: dict, stats: dict, d, args) -> dict:
     local += [sum(x[k] for x in s) for k in comp]
     local += [m.sum().item(), ref_k3.sum().item(), (info["entropy"] * m).sum().item(),
               -(info["sample_logp"] * m).sum().item(), info["truncated"].float().sum().item(),
-              info["flat_groups"], 1.0, stats["clip"], stats["loss"], stats["pg"], stats["kl_loss"]]
+              info["flat_groups"], 1.0, stats["clip"], stats["loss"], stats["pg"], stats["kl_loss"],
+              ro.loss_mask.sum().item()]
     tot = common.all_reduce_sum(local, d.device)
     n, tokens = tot[0], max(1.0, tot[3 + len(comp)])
     mean = tot[1] / n
@@ -314,7 +315,8 @@ def step_metrics(ro: Rollout, info: dict, stats: dict, d, args) -> dict:
     i = 3 + len(comp)
     out.update({"train/kl": tot[i + 1] / tokens, "rollout/entropy": tot[i + 2] / tokens,
                 "rollout/nll": tot[i + 3] / tokens, "rollout/truncated": tot[i + 4] / n,
-                "rollout/zero_std_groups": tot[i + 5] / tot[i + 6], "train/clip_fraction": tot[i + 7] / tokens,
+                "rollout/zero_std_groups": tot[i + 5] / tot[i + 6],
+                "train/clip_fraction": tot[i + 7] / max(1.0, tot[i + 11]),  # of the tokens in the loss
                 "train/loss": tot[i + 8], "train/pg_loss": tot[i + 9], "train/kl_loss": tot[i + 10],
                 "rollout/length_mean": tokens / n,
                 "rollout/length_max": common.all_reduce_max(lengths.max().item(), d.device)})
@@ -324,14 +326,9 @@ def step_metrics(ro: Rollout, info: dict, stats: dict, d, args) -> dict:
 @torch.no_grad()
 def evaluate(model, clips, feats, args, d, lex) -> dict:
     """Greedy decoding on held-out clips (sharded over ranks): EW-F, format rate, mean label count."""
-    mine = clips[d.rank::d.world]
-    texts = model.complete([c.subtitle for c in mine], data.stack_media(feats, [c.name for c in mine]),
-                           think=args.think, max_new_tokens=args.max_new_tokens, greedy=True)
-    gathered = [list(zip([c.name for c in mine], texts))]
-    if d.world > 1:
-        gathered = [None] * d.world
-        torch.distributed.all_gather_object(gathered, list(zip([c.name for c in mine], texts)))
-    completions = dict(p for part in gathered for p in part)
+    out = common.complete_sharded(model, clips, feats, d, think=args.think, max_new_tokens=args.max_new_tokens,
+                                  greedy=True)
+    completions = {name: texts[0] for name, texts in out.items()}
     return reward.summarize_completions(completions, {c.name: c.labels for c in clips}, lex, args.think, args.level)
 
 

@@ -167,16 +167,9 @@ def evaluate(model, val_examples, val_clips, feats, args, d, lex, micro) -> dict
             s, n = sft_loss_sum(model, batch, media)
         nll, tokens = nll + s.item(), tokens + n
     nll, tokens = common.all_reduce_sum([nll, tokens], d.device)
-    shown = val_clips[:args.eval_samples][d.rank::d.world]
-    texts = model.complete([c.subtitle for c in shown], data.stack_media(feats, [c.name for c in shown]),
-                           think=args.think, max_new_tokens=args.max_new_tokens, greedy=True)
-    gathered = [None] * d.world
-    pairs = list(zip([c.name for c in shown], texts))
-    if d.world > 1:
-        torch.distributed.all_gather_object(gathered, pairs)
-    else:
-        gathered = [pairs]
-    completions = dict(p for part in gathered for p in part)
+    shown = common.complete_sharded(model, val_clips[:args.eval_samples], feats, d, think=args.think,
+                                    max_new_tokens=args.max_new_tokens, greedy=True)
+    completions = {name: texts[0] for name, texts in shown.items()}
     gts = {c.name: c.labels for c in val_clips[:args.eval_samples]}
     metrics = {"eval/loss": nll / max(1, tokens)}
     metrics.update(reward.summarize_completions(completions, gts, lex, args.think))

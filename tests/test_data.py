@@ -139,6 +139,11 @@ def test_prompt_and_masked_targets(tokenizer):
     assert (batch["labels"][1, len(no_think["input_ids"]):] == -100).all()
     prompts = data.collate_prompts(tokenizer, ["a", "a much longer subtitle here"], True, 1)
     assert prompts["attention_mask"][0, 0] == 0 and prompts["attention_mask"][:, -1].all()  # left padding
+    # max_length cuts the target only; a prompt that leaves no room for a target is an error naming the clip
+    cut = data.tokenize_example(tokenizer, clip, think=True, n_tokens=1, max_length=n_prompt + 3)
+    assert cut["input_ids"] == ex["input_ids"][:n_prompt + 3] and cut["labels"][:n_prompt] == [-100] * n_prompt
+    with pytest.raises(data.DataError, match=r"clip a: its prompt has \d+ tokens"):
+        data.tokenize_example(tokenizer, clip, think=True, n_tokens=1, max_length=n_prompt)
 
 
 @pytest.fixture(scope="module")
