@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import common
 import data
 import eval as ev
 import model as M
@@ -33,8 +34,19 @@ def test_openset_report_by_hand(lex):
     r = ev.openset_report(completions, gts, lex, think=True)
     # every wheel: mean P = mean R = 1/2 -> F = 1/2
     assert (r["ew_f_l1"], r["precision_l1"], r["recall_l1"]) == pytest.approx((0.5, 0.5, 0.5))
+    # level 2 splits sectors into finer clusters; these labels stay apart there too: the same values
+    assert (r["ew_f_l2"], r["precision_l2"], r["recall_l2"]) == pytest.approx((0.5, 0.5, 0.5))
     assert r["format_rate"] == pytest.approx(1 / 3) and r["n_labels"] == pytest.approx(1.0)
     assert r["n_labels_hist"] == {0: 1, 1: 1, 2: 1}
+
+
+def test_draws_are_averaged(lex):
+    outputs = {"a": ["<answer>happy</answer>", "<answer>sad, angry</answer>"],   # draw 0: F = 1, draw 1: F = 0
+               "b": ["<answer>sad</answer>", "<answer>sad</answer>"]}             # F = 1 in both draws
+    m = ev.score_draws(outputs, {"a": "happy", "b": "sad"}, lex, think=False)
+    assert m["n_draws"] == 2 and m["ew_f_l1"] == pytest.approx((1.0 + 0.5) / 2)  # draw 1: P = R = 1/2
+    assert m["ew_f_l1_std"] == pytest.approx(0.25) and m["n_labels"] == pytest.approx((1 + 1.5) / 2)
+    assert m["n_labels_hist"] == {1: 3, 2: 1}  # counted over both draws
 
 
 @pytest.mark.parametrize("labels, polarity", [(["happy", "cheerful"], "positive"), (["sad"], "negative"),
@@ -130,6 +142,23 @@ def test_merunibench_table(unibench, tiny_ckpt, tmp_path):
     scores = [v["score"] for v in m["datasets"].values() if v["score"] is not None]
     assert m["mean"] == pytest.approx(sum(scores) / len(scores))
     assert "| **mean** |" in r.stdout and "missing datasets: mer2024" in r.stdout
+
+
+def test_merunibench_scores_by_hand(unibench, lex, monkeypatch):
+    """Each dataset is scored with its own metric against its own labels (model outputs fixed by hand)."""
+    answers = {"o1": "happy, excited", "o2": "sad", "o3": None,                       # EW: P = R = 2/3 -> 2/3
+               "m1": "happy", "m2": "happy", "m3": "happy", "m4": "angry, sad",       # neutral m2 skipped: 2/3
+               "e1": "cheerful", "e2": "angry",                                       # joy hit, sadness miss: 1/2
+               "s1": "happy", "s2": "happy", "s3": "sad"}   # s3 (valence 0) removed; s2 wrong: F1w 1/3, acc 1/2
+    texts = {n: f"<think>x</think><answer>{a}</answer>" if a else "no answer" for n, a in answers.items()}
+    monkeypatch.setattr(ev, "prepare", lambda model, folder, clips, args, d: (clips, {}, []))
+    monkeypatch.setattr(ev, "generate_all", lambda model, clips, feats, args, d, think: {c.name: [texts[c.name]]
+                                                                                          for c in clips})
+    m = ev.evaluate_unibench(None, ev.Args(root=str(unibench)), common.Dist(), True, lex)
+    scores = {k: v["score"] for k, v in m["datasets"].items()}
+    assert scores == pytest.approx({"ovmerdplus": 2 / 3, "mer2023": 2 / 3, "meld": 1 / 2, "cmumosi": 1 / 3})
+    assert m["datasets"]["cmumosi"]["accuracy"] == pytest.approx(1 / 2) and m["datasets"]["cmumosi"]["n"] == 2
+    assert m["mean"] == pytest.approx(13 / 24)
 
 
 def test_eval_on_one_and_two_ranks_agree(synth_data, tiny_ckpt, tmp_path):

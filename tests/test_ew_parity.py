@@ -91,13 +91,13 @@ def test_degenerate_definitions(parity_cases, official_lexicon):
 
 
 def test_error_cases_follow_our_definitions(parity_cases, official_lexicon):
-    for case in parity_cases["error_samples"]:  # a lone "[" parses to no labels instead of IndexError
-        assert reward.parse_labels("[") == []
+    assert reward.parse_labels("[") == []  # a lone "[" parses to no labels instead of IndexError
+    for case in parity_cases["error_samples"]:
         scores = reward.sample_scores(case["pred"], case["gt"], official_lexicon)
         if case["gt"] == "[":
             assert scores == [None] * 5
-        else:
-            assert all(s == (0.0, 0.0) for s in scores if s is not None) and any(scores)
+        else:  # a real ground truth against an empty prediction: P = R = 0 in every wheel it maps to
+            assert any(s is not None for s in scores) and all(s == (0.0, 0.0) for s in scores if s is not None)
     errors = {c["id"]: c for c in parity_cases["error_datasets"]}
     missing = errors["pub_err_missing_pred"]
     with pytest.raises(KeyError, match="'b'"):

@@ -60,8 +60,9 @@ def test_word_forms_map_like_their_word(lex, form, key):
 
 
 def test_derived_form_rules():
-    assert reward._derived_forms("frustrated") >= {"frustrated", "frustratedly", "frustration", "frustrateds"}
-    assert reward._derived_forms("happy") >= {"happily", "happiness", "happies"}
+    # the rules also make forms no one writes ("happies"); they are harmless, so only real words are asserted
+    assert reward._derived_forms("frustrated") >= {"frustrated", "frustratedly", "frustration"}
+    assert reward._derived_forms("happy") >= {"happily", "happiness"}
     assert reward._derived_forms("let down") >= {"let-down", "letdown", "letdowns"}
 
 

@@ -164,13 +164,16 @@ def test_batched_greedy_generation_equals_one_by_one(tokenizer):
 def test_generation_pads_after_eos(tokenizer):
     model = tiny(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    with torch.no_grad():  # make EOS very likely so every row stops early
-        model.llm.get_output_embeddings().weight[eos] *= 0
-        model.llm.lm_head.bias = None
-    enc = prompts(tokenizer, ["happy", "sad"])
+    head = model.llm.get_output_embeddings()
+    bias = torch.zeros(head.out_features)
+    bias[eos] = 5.0  # EOS gets about a third of the mass: rows stop early, at different steps
+    head.bias = torch.nn.Parameter(bias)
+    enc = prompts(tokenizer, ["happy", "sad", "angry", "calm", "worried", "tense"])
     g = torch.Generator().manual_seed(0)
-    out = model.generate(enc["input_ids"], enc["attention_mask"], media(), max_new_tokens=40, generator=g)
+    out = model.generate(enc["input_ids"], enc["attention_mask"], media(6), max_new_tokens=40, generator=g)
     mask = M.completion_mask(out, eos)
+    assert (out == eos).any(1).all() and out.shape[1] < 40  # every row stopped, and generation ended early
+    assert (mask == 0).any()  # some row stopped before the longest one: there is padding to check
     assert torch.all((out == pad) | (mask == 1))  # after the first EOS there is only padding
 
 
@@ -189,8 +192,10 @@ def test_sample_token_respects_top_k_and_top_p():
     g = torch.Generator().manual_seed(0)
     top2 = M.sample_token(logits, top_k=2, generator=g)
     assert set(top2.tolist()) == {0, 1}
-    nucleus = M.sample_token(logits, top_p=0.8, generator=g)  # 0.5 + 0.3 reaches 0.8: tokens 0 and 1
+    nucleus = M.sample_token(logits, top_p=0.75, generator=g)  # 0.5 + 0.3 is the smallest prefix >= 0.75
     assert set(nucleus.tolist()) == {0, 1}
+    nucleus = M.sample_token(logits, top_p=0.85, generator=g)  # 0.8 < 0.85: token 2 joins
+    assert set(nucleus.tolist()) == {0, 1, 2}
     plain = M.sample_token(logits, generator=g)
     freq = torch.bincount(plain, minlength=4).float() / len(plain)
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
@@ -213,6 +218,9 @@ def test_checkpoint_round_trip(tokenizer, tmp_path, train_llm):
     randomise_lora(model)
     with torch.no_grad():
         model.projector.proj_fused.bias.add_(0.5)
+        # an LLM weight that differs from the preset's seeded initialisation: the trained LM (full) or the
+        # random-init base (lora, saved in base.safetensors) must come from the checkpoint, not be rebuilt
+        model.llm.model.norm.weight.add_(0.1)
     enc = prompts(tokenizer, ["happy", "sad angry"])
     feats = media()
     model.projector.set_feature_stats(feats["video"] * 3 + 1, feats["audio"] - 2)  # buffers must travel too
@@ -292,6 +300,7 @@ def test_fresh_adapters_on_a_fully_trained_model(tokenizer, tmp_path):
     enc = prompts(tokenizer, ["happy", "sad angry"])
     feats = media()
     with torch.no_grad():
+        model.llm.model.norm.weight.add_(0.1)  # "trained": no longer the seeded initialisation
         before = model(enc["input_ids"], enc["attention_mask"], feats)
     M.add_lora(model, r=4, alpha=8, train_projector=False)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

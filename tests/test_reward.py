@@ -166,7 +166,8 @@ def test_score_completion_components(lex):
     # three labels against two: P2 = 2/3 multiplies accuracy, format still counts in full
     r = reward.score_completion("<think>t</think><answer>glad, furious, anxious</answer>", gt, lex, penalty="p2")
     assert r["length_penalty"] == pytest.approx(2 / 3)
-    assert r["total"] == pytest.approx(r["accuracy"] * 2 / 3 + 0.5)
+    assert r["accuracy"] == pytest.approx(64 / 75)  # per-wheel F (4/5, 1, 4/5, 2/3, 1): the penalty is not in it
+    assert r["total"] == pytest.approx(64 / 75 * 2 / 3 + 0.5)
     # bad format, no answer tag: nothing
     r = reward.score_completion("glad, anxious", gt, lex)
     assert (r["accuracy"], r["format"], r["total"]) == (0.0, 0.0, 0.0)
