@@ -36,7 +36,15 @@ The RL reward of one completion (`score_completion`), with w_* the weights:
   truth n_g: P1 = 1/(n_p - n_g + 1), P2 = n_g/n_p, P3 = log(n_g)/log(n_p). P3 is 0 for every n_p > 1 when
   n_g = 1, which would erase the accuracy signal of all single-label clips; we use P2 = 1/n_p there instead.
 - format: 1 for exactly `<think>..</think><answer>..</answer>` (or `<answer>..</answer>` alone in no-think
-  mode), both non-empty, nothing around them but white space, else 0.
+  mode), both non-empty, free of tags, nothing around them but white space, else 0. Tags are exact
+  (`<Answer>` or `<answer >` is no tag).
+- the scored answer (`extract_answer`, for the reward and for evaluation): the first `<answer>..</answer>`
+  after the LAST `</think>`; everything before it is reasoning, so an <answer> inside <think> never counts. A
+  <think> that is never closed (truncated, or a trick) leaves no answer. Without think tags at all, the first
+  `<answer>..</answer>` of the text. A malformed completion is still scored this way (with format 0): a
+  policy that loses a tag keeps its accuracy signal, and no tag trick can earn more than an honest answer,
+  because whatever the tags, ONE answer is scored, and writing that same answer in the strict format earns the
+  same accuracy plus the format reward (tests/test_reward.py holds a table of such tricks).
 - alignment: EW score of the emotion words spotted inside <think> against the answer labels (paper's
   alignment reward); dual: the same words against the ground truth. Words are spotted by lexicon lookup of
   single words and two-word phrases (no LLM judge; negations such as "not happy" are not understood).
@@ -443,8 +451,13 @@ PENALTIES = ("none", "p1", "p2", "p3")
 
 
 def extract_answer(text: str) -> list:
-    """Labels inside the first <answer>...</answer>; no complete tag pair -> no labels."""
-    m = _ANSWER.search(text)
+    """Labels of the scored answer: the first <answer>...</answer> after the last </think> (the reasoning may
+    quote tags; they never count). An unclosed <think> (it opens after the last </think>) leaves no answer;
+    no complete <answer> pair -> no labels."""
+    opened, closed = text.rfind("<think>"), text.rfind("</think>")  # -1 when absent
+    if opened > closed:
+        return []
+    m = _ANSWER.search(text, closed + len("</think>") if closed >= 0 else 0)
     return parse_labels(m.group(1).strip()) if m else []
 
 

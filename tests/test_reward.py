@@ -146,9 +146,59 @@ def test_format(text, think, ok):
     ("glad, anxious", []),                          # no tag -> no labels
     ("<answer>glad, anxious", []),                  # unclosed
     ("<answer>glad</answer><answer>sad</answer>", ["glad"]),  # the first answer counts
+    ("<think><answer>glad</answer></think><answer>sad</answer>", ["sad"]),  # the one after </think>
+    ("<think>x <answer>glad</answer>", []),         # the reasoning never ends: no answer
 ])
 def test_extract_answer(text, labels):
     assert reward.extract_answer(text) == labels
+
+
+# Tag tricks against the ground truth "glad" (toy lexicon): "glad" scores accuracy 1 and "furious" 0 (furious
+# maps to anger in wheels 1, 3, 4 where glad is joy/joy/fear, and to nothing in wheels 2, 5). Scored answer:
+# the first <answer> pair after the last </think>; an unclosed <think> leaves none. Format: the strict one.
+HONEST = "<think>t</think><answer>glad</answer>"
+TRICKS = [  # (completion, think mode, accuracy, format), derived by hand from the rules above
+    (HONEST, True, 1.0, 1.0),
+    ("\n<think>t</think>\n<answer> glad </answer>\n", True, 1.0, 1.0),            # white space around is fine
+    ("<think>t</think><answer>furious</answer>", True, 0.0, 1.0),                  # honest and wrong
+    ("<think><answer>glad</answer></think><answer>furious</answer>", True, 0.0, 0.0),  # answer inside think
+    ("<think>t</think><answer>furious</answer><answer>glad</answer>", True, 0.0, 0.0),  # repeated: the first
+    ("<think>t</think><answer>glad</answer><answer>furious</answer>", True, 1.0, 0.0),
+    ("<think>t<think>u</think>v</think><answer>glad</answer>", True, 1.0, 0.0),     # nested think
+    ("<think>t</think><answer>glad</answer> or furious", True, 1.0, 0.0),          # text after </answer>
+    ("<think>t</think><answer>furious</answer> glad", True, 0.0, 0.0),
+    ("<think>t <answer>glad</answer>", True, 0.0, 0.0),                            # missing </think>
+    ("<think>t</think><answer>glad</answer><think>u", True, 0.0, 0.0),             # a think left open after
+    ("<answer>glad</answer>", True, 1.0, 0.0),                                     # no reasoning at all
+    ("</think><answer>glad</answer>", True, 1.0, 0.0),                             # a close without an open
+    ("<THINK>t</THINK><ANSWER>glad</ANSWER>", True, 0.0, 0.0),                     # other case: no tags
+    ("<think>t</think><Answer>glad</Answer>", True, 0.0, 0.0),
+    ("<think>t</think><answer >glad</answer >", True, 0.0, 0.0),                   # spaces inside tags
+    ("< think>t</think><answer>glad</answer>", True, 1.0, 0.0),                    # "< think>" is text
+    ("<think>t</think><answer>furious</answer><think>u</think><answer>glad</answer>", True, 1.0, 0.0),
+    ("<think>t</think><answer>glad</answer><think>u</think>", True, 0.0, 0.0),     # second think after
+    ("<think>t</think><answer></answer>", True, 0.0, 0.0),                         # empty answer
+    ("<think></think><answer>glad</answer>", True, 1.0, 0.0),                      # empty reasoning
+    ("<think>t</think><answer>glad</think>furious</answer>", True, 0.0, 0.0),      # tag inside the answer
+    ("<think>t</think><answer><answer>glad</answer></answer>", True, 0.0, 0.0),    # "<answer>glad" maps to nothing
+    ("<think>t</think><answer>glad", True, 0.0, 0.0),                              # unclosed answer
+    ("glad", True, 0.0, 0.0),                                                      # no tags at all
+    ("<answer>glad</answer>", False, 1.0, 1.0),                                    # no-think mode
+    ("<think><answer>glad</answer></think><answer>furious</answer>", False, 0.0, 0.0),
+    ("<answer>furious</answer><answer>glad</answer>", False, 0.0, 0.0),
+    ("<think>t</think><answer>glad</answer>", False, 1.0, 0.0),                    # think where none is asked
+]
+
+
+@pytest.mark.parametrize("text, think, accuracy, fmt", TRICKS)
+def test_tag_tricks(lex, text, think, accuracy, fmt):
+    r = reward.score_completion(text, "glad", lex, think=think)
+    assert (r["accuracy"], r["format"]) == (accuracy, fmt)
+    # whatever the weights, no trick beats the honest completion that names the right answer
+    honest = HONEST if think else "<answer>glad</answer>"
+    for w_format in (0.0, 0.5):
+        trick = reward.score_completion(text, "glad", lex, think=think, w_format=w_format)["total"]
+        assert trick <= reward.score_completion(honest, "glad", lex, think=think, w_format=w_format)["total"]
 
 
 def test_spot_emotions(lex):
