@@ -69,40 +69,85 @@ class DataError(ValueError):
 # CSV readers
 
 
-def read_table(path: str, required, optional=()) -> list:
+def read_table(path: str, required, optional=(), multiline=()) -> list:
     """Rows of a CSV as dicts with the `required` columns (and the `optional` ones that exist), each with its
     line number under "_line". `required` may hold alternatives as tuples: ("english", "sentence") means either
-    column; the first found is returned under the first name."""
+    column; the first found is returned under the first name.
+
+    Read strictly: a quote that is opened and never properly closed, a wrong number of fields, text that is not
+    UTF-8, or a line break inside a field of a column not in `multiline` (names and labels never span lines;
+    such a field is rows merged by an unbalanced quote) is a DataError naming the file and the line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        columns = {}
-        for want in list(required) + list(optional):
-            names = want if isinstance(want, tuple) else (want,)
-            found = next((n for n in names if n in header), None)
-            if found is None and want in required:
-                raise DataError(f"{path}: needs column {' or '.join(repr(n) for n in names)}; header is {header}")
-            if found is not None:
-                columns[names[0]] = header.index(found)
-        rows = []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}, line {reader.line_num}: expected {len(header)} fields, got {len(row)}")
-            rows.append({"_line": reader.line_num, **{k: row[i] for k, i in columns.items()}})
+        reader = csv.reader(f, strict=True)
+        rows, start = [], 1  # start: the line the current row begins on
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            columns = _find_columns(path, header, required, optional)
+            text_columns = {columns[key] for key in map(_column_key, multiline) if key in columns}
+            start = reader.line_num + 1
+            for row in reader:
+                first, last, start = start, reader.line_num, reader.line_num + 1
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}, line {first}: expected {len(header)} fields, got {len(row)}"
+                                    + _merged_hint(first, last))
+                broken = [header[i] for i in columns.values()
+                          if i not in text_columns and ("\n" in row[i] or "\r" in row[i])]
+                if broken:
+                    raise DataError(f"{path}, line {first}: field {broken[0]!r} holds a line break"
+                                    + _merged_hint(first, last))
+                rows.append({"_line": first, **{k: row[i] for k, i in columns.items()}})
+        except csv.Error as e:
+            raise DataError(f"{path}, line {start}: {e}" + _merged_hint(start, reader.line_num)) from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}, line {_first_bad_utf8_line(path)}: not UTF-8 text (save the file as UTF-8)") \
+                from None
     return rows
 
 
-def read_column(path: str, column, optional=False) -> dict:
-    """name -> value of one column; a missing optional file -> {}. Empty and repeated names are errors."""
+def _column_key(want) -> str:
+    return want[0] if isinstance(want, tuple) else want
+
+
+def _find_columns(path: str, header: list, required, optional) -> dict:
+    """Column name -> index in the header, for the required (error when absent) and optional columns."""
+    columns = {}
+    for want in list(required) + list(optional):
+        names = want if isinstance(want, tuple) else (want,)
+        found = next((n for n in names if n in header), None)
+        if found is None and want in required:
+            raise DataError(f"{path}: needs column {' or '.join(repr(n) for n in names)}; header is {header}")
+        if found is not None:
+            columns[_column_key(want)] = header.index(found)
+    return columns
+
+
+def _merged_hint(first: int, last: int) -> str:
+    """Rows merged by an unbalanced quote span several lines: say so."""
+    return f" (the row runs over lines {first}-{last}: an unbalanced quote?)" if last > first else ""
+
+
+def _first_bad_utf8_line(path: str) -> int:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
+
+
+def read_column(path: str, column, optional=False, free_text=False) -> dict:
+    """name -> value of one column; a missing optional file -> {}. Empty and repeated names are errors; a
+    free-text column (subtitles, reasons) may hold line breaks."""
     if optional and not os.path.isfile(path):
         return {}
     key = column[0] if isinstance(column, tuple) else column
     out = {}
-    for row in read_table(path, ["name", column]):
+    for row in read_table(path, ["name", column], multiline=[column] if free_text else []):
         name = row["name"].strip()
         if not name or name in out:
             raise DataError(f"{path}, line {row['_line']}: {'empty' if not name else 'duplicate'} name {name!r}")
@@ -115,12 +160,13 @@ def read_label_file(path: str) -> dict:
     outputs). Errors name the file and the row."""
     if not path.endswith(".npz"):
         return read_column(path, "openset")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with np.load(path, allow_pickle=False) as npz:
+    with open_npz(path, allow_pickle=False) as npz:
         if not {"filenames", "fileitems"} <= set(npz.files):
             raise DataError(f"{path}: needs arrays 'filenames' and 'fileitems', found {sorted(npz.files)}")
-        names, items = [str(n).strip() for n in npz["filenames"]], [str(i) for i in npz["fileitems"]]
+        try:
+            names, items = [str(n).strip() for n in npz["filenames"]], [str(i) for i in npz["fileitems"]]
+        except Exception as e:  # a damaged member, or an object array (which needs pickle)
+            raise DataError(f"{path}: cannot read 'filenames' / 'fileitems' ({type(e).__name__}: {e})") from None
     if len(names) != len(items):
         raise DataError(f"{path}: {len(names)} filenames but {len(items)} fileitems")
     for k, name in enumerate(names):
@@ -129,17 +175,37 @@ def read_label_file(path: str) -> dict:
     return dict(zip(names, items))
 
 
+def open_npz(path: str, allow_pickle: bool = False):
+    """np.load of a .npz archive, after checking that the file is one: np.load would otherwise try to unpickle
+    any other file when allow_pickle is on, and fails with a message that does not name the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (an empty one ends in PK 5 6)
+        raise DataError(f"{path}: not a .npz file (a zip archive of .npy arrays)")
+    try:
+        return np.load(path, allow_pickle=allow_pickle)
+    except Exception as e:  # a damaged archive
+        raise DataError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from None
+
+
 def read_unibench_labels(path: str, classes=None) -> dict:
     """An official MER-UniBench .npz label file -> name -> (emotion word or None, valence or None).
     NOTE: these files store a pickled dict ({split}_corpus), so they are read with allow_pickle=True: only
     open label files from the official releases."""
-    with np.load(path, allow_pickle=True) as npz:
+    with open_npz(path, allow_pickle=True) as npz:
         keys = [k for k in npz.files if k.endswith("_corpus")]
         tests = [k for k in keys if "test" in k]
         key = "test_corpus" if "test_corpus" in keys else (tests[0] if len(tests) == 1 else None)
         if key is None:
             raise DataError(f"{path}: cannot tell the test corpus among {keys or npz.files}")
-        corpus = npz[key].item()
+        try:
+            corpus = npz[key].item()
+        except Exception as e:
+            raise DataError(f"{path}: cannot read {key!r} ({type(e).__name__}: {e})") from None
+    if not isinstance(corpus, dict) or not all(isinstance(v, dict) for v in corpus.values()):
+        raise DataError(f"{path}: {key!r} must be a dict of clip name -> {{'emo': ..., 'val': ...}}")
     out = {}
     for name, item in corpus.items():
         emo, val = item.get("emo"), item.get("val")
@@ -147,8 +213,11 @@ def read_unibench_labels(path: str, classes=None) -> dict:
             if classes is None or not 0 <= emo < len(classes):
                 raise DataError(f"{path}: clip {name} has class index {emo} outside {classes}")
             emo = classes[emo]
-        out[str(name)] = (None if emo is None else str(emo).lower().strip(),
-                          None if val is None else float(val))
+        try:
+            val = None if val is None else float(val)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: clip {name} has valence {val!r}, not a number") from None
+        out[str(name)] = (None if emo is None else str(emo).lower().strip(), val)
     return out
 
 
@@ -173,8 +242,8 @@ def read_split(root: str, split: str = "train", labels_csv: str | None = None, n
     labels_csv = labels_csv or os.path.join(root, f"{split}.csv")
     labels = read_column(labels_csv, "openset")
     sub_file = find_subtitles(root)
-    subtitles = read_column(sub_file, ("english", "sentence")) if sub_file else {}
-    reasons = read_column(os.path.join(root, "reasons.csv"), "reason", optional=True)
+    subtitles = read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
+    reasons = read_column(os.path.join(root, "reasons.csv"), "reason", optional=True, free_text=True)
     if need_reasons:
         missing = [n for n in labels if n not in reasons]
         if missing:

@@ -314,7 +314,7 @@ def evaluate_unibench(model, args, d, think, lex) -> dict:
             corpus = data.read_unibench_labels(label_file, classes)
             labels = {n: (e or "") for n, (e, _) in corpus.items()}
         sub_file = data.find_subtitles(folder)
-        subtitles = data.read_column(sub_file, ("english", "sentence")) if sub_file else {}
+        subtitles = data.read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
         clips = [data.Clip(n, labels[n], subtitles.get(n, "")) for n in labels]
         clips, feats, skipped = prepare(model, folder, clips, args, d)
         outputs = generate_all(model, clips, feats, args, d, think)

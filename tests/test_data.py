@@ -119,6 +119,52 @@ def test_csv_errors_name_file_and_columns(tmp_path):
     assert data.read_split(str(tmp_path), "train")[0].subtitle == "hello there"
 
 
+@pytest.mark.parametrize("raw, message", [
+    # an unbalanced quote: the quote opened on line 2 closes on line 3 and swallows row b
+    (b"name,openset\na,\"['happy']\nb,\"['sad']\"\n", r"bad.csv, line 2: .* runs over lines 2-3: an unbalanced quote"),
+    (b"name,openset\na,\"happy\nb,sad\n", r"bad.csv, line 2: unexpected end of data .*lines 2-3"),  # never closed
+    (b"name,openset\na,\"happy\nb,sad\"\n", r"bad.csv, line 2: field 'openset' holds a line break"),  # legal CSV
+    (b"name,openset\n\"a\nb\",sad\n", r"bad.csv, line 2: field 'name' holds a line break"),
+    (b"name,openset\na,happy\nb,caf\xe9\n", r"bad.csv, line 3: not UTF-8 text"),                   # Latin-1
+    (b"\xff\xfen\x00a\x00m\x00e\x00", r"bad.csv, line 1: not UTF-8 text"),                          # UTF-16
+])
+def test_csv_read_strictly(tmp_path, raw, message):
+    (tmp_path / "bad.csv").write_bytes(raw)
+    with pytest.raises(data.DataError, match=message):
+        data.read_column(str(tmp_path / "bad.csv"), "openset")
+
+
+def test_free_text_may_span_lines(tmp_path):
+    (tmp_path / "reasons.csv").write_text('name,reason\na,"She smiles,\nthen frowns."\nb,"Calm, ""flat"" voice."\n')
+    assert data.read_column(str(tmp_path / "reasons.csv"), "reason", free_text=True) == {
+        "a": "She smiles,\nthen frowns.", "b": 'Calm, "flat" voice.'}
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that a reader unpickled something it should not have."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_npz_readers_check_the_file(tmp_path):
+    import pickle
+    fake = tmp_path / "labels.npz"
+    fake.write_text("name,openset\na,happy\n")
+    with pytest.raises(data.DataError, match=r"labels.npz: not a .npz file"):
+        data.read_label_file(str(fake))
+    trap = tmp_path / "unpickled"
+    fake.write_bytes(pickle.dumps(_Trap(str(trap))))
+    with pytest.raises(data.DataError, match=r"labels.npz: not a .npz file"):
+        data.read_unibench_labels(str(fake))
+    assert not trap.exists()
+    fake.write_bytes(b"PK\x03\x04 a damaged zip")
+    with pytest.raises(data.DataError, match=r"labels.npz: cannot read the .npz file"):
+        data.read_label_file(str(fake))
+
+
 def test_prompt_and_masked_targets(tokenizer):
     prompt = data.build_prompt(tokenizer, "I am so happy.", think=True)
     assert prompt.count("<|fused|><|audio|><|video|>") == 1 and "I am so happy." in prompt

@@ -74,6 +74,15 @@ def test_malformed_csv_names_file_and_row(tmp_path, rows, header, message):
     assert "bad.csv" in r.stderr and message in r.stderr
 
 
+def test_unbalanced_quote_is_an_error(tmp_path):
+    gt = write_csv(tmp_path / "gt.csv", [("a", "['happy']"), ("b", "['sad']")])
+    pred = tmp_path / "pred.csv"
+    pred.write_text("name,openset\na,\"['happy']\nb,\"['sad']\"\n")  # the quote on line 2 swallows row b
+    r = score("--pred", pred, "--gt", gt)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "pred.csv, line 2:" in r.stderr and "unbalanced quote" in r.stderr
+
+
 def test_missing_file_and_bad_npz(tmp_path):
     good = write_csv(tmp_path / "good.csv", [("a", "happy")])
     r = score("--pred", tmp_path / "nope.csv", "--gt", good)
