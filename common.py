@@ -5,9 +5,15 @@ process. nccl on GPU, gloo on CPU. Checkpoints are directories written atomicall
 rename): `OUT/step_000120/` holds the model (model.save_model), `trainer_state.json` (step, data position,
 arguments) and `optimizer.pt` (optimiser, scheduler and RNG states: tensors and plain Python only, loaded
 with weights_only=True). `OUT/latest` names the newest step directory; `OUT/final/` is the last model.
+A failed write (full or read-only disk) removes its partial files and ends the run with one message.
+
+Output folders (`check_out`, `start_run`): a folder that holds a run is refused unless `--resume` (which must
+not change what the run computes) or `--overwrite` (which deletes the old run's files, nothing else, once the
+new run has passed its checks). A run stopped by a signal saves and exits with 128 + the signal number.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -110,8 +116,11 @@ class Logger:
     def log(self, step: int, metrics: dict, prefix: str = ""):
         if not self.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        except OSError as e:  # a full or read-only disk: one message, no traceback
+            raise write_error(self.path, e) from None
         shown = "  ".join(f"{k.split('/', 1)[-1]} {_short(v)}" for k, v in metrics.items()
                           if isinstance(v, (int, float)))
         self.write(f"{prefix}step {step:>6}  {shown}")
@@ -123,6 +132,39 @@ def _short(v) -> str:
     return f"{v:.4g}"
 
 
+def write_error(path: str, e: OSError) -> SystemExit:
+    """The one message for a failed write: which path, and why in words."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system"}
+    return SystemExit(f"error: cannot write {path}: {why.get(e.errno, e.strerror or str(e))}")
+
+
+def ensure_writable(folder: str):
+    """Create `folder` and write a probe file in it now, so an unwritable folder fails before the long work."""
+    probe = os.path.join(folder, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        raise write_error(folder, e) from None
+
+
+def _share_mode(path: str):
+    """Give files written by libraries that create them private (safetensors: 0600) the mode that open() gives
+    every other file of the run (0666 minus the umask); folders get 0777 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if os.path.isfile(path):
+        os.chmod(path, 0o666 & ~umask)
+    for folder, _, names in os.walk(path):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def parse_args(cls, argv=None):
     """Parse a dataclass of arguments with transformers.HfArgumentParser; unknown flags are an error."""
     from transformers import HfArgumentParser
@@ -131,6 +173,98 @@ def parse_args(cls, argv=None):
     if rest:
         parser.error(f"unknown arguments: {' '.join(rest)}")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output folders
+
+# flags that cannot change the weights a run produces: --resume may change them (and says so)
+SAFE_CHANGES = ("stop_after", "log_every", "show_every", "eval_every", "save_every",
+                "keep_last", "device", "feature_cache")
+
+
+def run_files(out: str) -> list:
+    """The entries of OUT that a run writes: arguments, metrics, checkpoints, the pointer, partial writes."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n in ("args.json", "metrics.jsonl", "latest", "latest.tmp", "final")
+                  or n.startswith(("step_", ".tmp_")))
+
+
+def changed_args(args, saved: dict, grow=()) -> tuple:
+    """(refused, allowed): '--flag old -> new' for each argument that differs from `saved` (the arguments of
+    the checkpoint). SAFE_CHANGES are allowed, and so is a larger value of a flag in `grow`."""
+    now = json.loads(json.dumps(asdict(args), default=str))
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    refused, allowed = [], []
+    for k, v in now.items():
+        old = saved.get(k, defaults.get(k))  # a flag newer than the checkpoint: it ran with the default
+        if old == v or k in ("resume", "overwrite"):
+            continue
+        larger = k in grow and isinstance(v, (int, float)) and isinstance(old, (int, float)) and v > old
+        (allowed if k in SAFE_CHANGES or larger else refused).append(f"--{k} {old} -> {v}")
+    return refused, allowed
+
+
+def check_out(args, main: bool = True, say=print, grow=()) -> str | None:
+    """Check the output folder before any long work and return the checkpoint to resume from (or None).
+
+    A folder that holds a run needs --resume or --overwrite. --resume compares the arguments with those the
+    latest checkpoint was trained with and refuses a change that alters the run, naming the flags (SAFE_CHANGES
+    and a larger value of a `grow` flag pass, and are printed). The folder must be writable. Partial writes that
+    a crash left behind (.tmp_*) are removed."""
+    out = args.out
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in --out, --overwrite deletes it: choose one")
+    used = [n for n in run_files(out) if not (n.startswith(".tmp_") or n == "latest.tmp")]
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(out)
+        if resume_from is None:
+            raise SystemExit(f"error: --resume, but {out} has no checkpoint (no {out}/latest)"
+                             + ("; start over with --overwrite" if used else ""))
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            state = json.load(f)
+        refused, allowed = changed_args(args, state.get("args", {}), grow)
+        if refused:
+            raise SystemExit(f"error: --resume would change what the run computes: {', '.join(refused)} "
+                             f"(the checkpoint {resume_from} was trained with the old values; resume with them, "
+                             f"or start a new run in another --out)")
+        if allowed:
+            say(f"resuming with changed flags that do not alter the run: {', '.join(allowed)}")
+    elif used and not args.overwrite:
+        raise SystemExit(f"error: --out {out} holds a run already ({', '.join(used[:5])}): continue it with "
+                         f"--resume, replace it with --overwrite, or choose another --out")
+    ensure_writable(out)
+    if main:
+        for name in run_files(out):
+            if name.startswith(".tmp_") or name == "latest.tmp":
+                _remove(os.path.join(out, name))
+    return resume_from
+
+
+def start_run(args, main: bool):
+    """Call once the run has passed every check, before the first step: --overwrite deletes the old run's
+    files now (only them: other files in --out stay), then args.json is written. Rank 0 only."""
+    if not main:
+        return
+    path = os.path.join(args.out, "args.json")
+    try:
+        if args.overwrite:
+            for name in run_files(args.out):
+                _remove(os.path.join(args.out, name))
+        with open(path + ".tmp", "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def _remove(path: str):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,28 +290,37 @@ def _set_rng_state(state: dict):
 
 def save_checkpoint(out: str, name: str, model, optimizer=None, scheduler=None, state: dict | None = None,
                     keep_last: int = 0):
-    """Atomically write OUT/name/ (model + trainer state) and point OUT/latest at it. Rank 0 only."""
+    """Atomically write OUT/name/ (model + trainer state) and point OUT/latest at it. Rank 0 only. A failed
+    write (full or read-only disk) removes its partial files, so they cannot keep the disk full, and ends
+    the run with one message; `latest` keeps pointing at the last complete checkpoint."""
     import model as model_lib
     final = os.path.join(out, name)
     tmp = os.path.join(out, f".tmp_{name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model_lib.save_model(model, tmp)
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(state or {}, f, indent=1, default=str)
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                    "rng": _rng_state()}, os.path.join(tmp, "optimizer.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if name.startswith("step_"):
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        if keep_last:
-            steps = sorted(d for d in os.listdir(out) if d.startswith("step_"))
-            for old in steps[:-keep_last]:
-                shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+    pointer = os.path.join(out, "latest.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model_lib.save_model(model, tmp)
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state or {}, f, indent=1, default=str)
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                        "rng": _rng_state()}, os.path.join(tmp, "optimizer.pt"))
+        _share_mode(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if name.startswith("step_"):
+            with open(pointer, "w") as f:
+                f.write(name + "\n")
+            os.replace(pointer, os.path.join(out, "latest"))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(pointer)
+        raise write_error(final, e) from None
+    if name.startswith("step_") and keep_last:
+        steps = sorted(d for d in os.listdir(out) if d.startswith("step_"))
+        for old in steps[:-keep_last]:
+            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     return final
 
 
@@ -213,69 +356,128 @@ def load_trainer_state(path: str, optimizer, scheduler) -> dict:
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """Ctrl-C / SIGTERM only set a flag: nothing is raised in the middle of an operation, so a signal cannot be
+    swallowed (e.g. by a library's destructor). Feature encoding stops between clips; training saves a
+    checkpoint at the next step boundary and then exits with 128 + the signal number (a scheduler must not
+    take a stopped run for a finished one). A second signal ends the process at once."""
 
     def __init__(self):
-        self.raised = False
+        self.signum = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.raised:  # a second signal: stop now
-            sys.exit(128 + signum)
-        self.raised = True
+        if self.signum:  # a second signal: stop now (a partial checkpoint is cleaned up by the next run)
+            print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+
+    @property
+    def raised(self) -> bool:
+        return self.signum > 0
 
     def check(self, device) -> bool:
         """True on every rank once any rank was signalled (so all ranks stop at the same step)."""
-        return all_reduce_max(float(self.raised), device) > 0
+        self.signum = max(self.signum, int(all_reduce_max(float(self.signum), device)))
+        return self.raised
+
+    def exit(self, message: str = ""):
+        """After saving: exit with 128 + the signal number, if a signal stopped the run."""
+        if self.raised:
+            if message:
+                print(message, file=sys.stderr, flush=True)
+            sys.exit(128 + self.signum)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Cached encoder features
 
 
-def feature_key(cfg, root: str, names, use_faces: bool) -> str:
-    """What the frozen features depend on: encoders (and their seed when random), media settings, the clips."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k in ("vision", "audio", "random_init", "seed", "n_frames", "audio_clips", "clip_seconds")}
-    fields["arch"] = {k: cfg.arch.get(k) for k in ("vision", "audio")}
-    blob = json.dumps([fields, os.path.abspath(root), sorted(names), use_faces], sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+FEATURES_VERSION = 2  # bump when the media preprocessing code changes what features come out
+
+
+def feature_key(model, dataset) -> str:
+    """A hash of everything the frozen features depend on: the encoders (their weights and configs, whatever
+    their origin: hub name, local folder, checkpoint or random init; their dtype and the device type), the
+    frame and audio preprocessing settings, and every media file (path, size and mtime_ns), so that data
+    regenerated or repaired in the same folder is encoded again."""
+    import data
+    h = hashlib.sha256()
+    settings = {"version": FEATURES_VERSION, "n_frames": dataset.n_frames, "image_size": dataset.image_size,
+                "audio_clips": dataset.audio_clips, "clip_seconds": dataset.clip_seconds,
+                "use_faces": dataset.use_faces, "sample_rate": data.SAMPLE_RATE, "device": model.device.type,
+                "vision_family": model.vision_family, "pixel_mean": model.pixel_mean.flatten().tolist(),
+                "pixel_std": model.pixel_std.flatten().tolist()}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for part in (model.vision, model.audio):
+        h.update(part.config.to_json_string(use_diff=False).encode())
+        for name, t in sorted(part.state_dict().items()):
+            h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for clip in dataset.clips:
+        for path in dataset.paths(clip.name):
+            try:
+                st = os.stat(path)
+                identity = f"{st.st_size} {st.st_mtime_ns}"
+            except OSError:
+                identity = "missing"
+            h.update(f"{clip.name} {os.path.abspath(path)} {identity}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _cached_skips(path: str) -> dict | None:
+    """The clips a cache file left out (name -> reason), or None when the file is absent or unreadable."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads((f.metadata() or {}).get("skipped", "{}"))
+    except Exception:  # absent, or a partial file of a crashed run: encode again
+        return None
 
 
 def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 16, skip_bad: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, stop: StopFlag | None = None) -> dict:
     """Encoder features of every clip of `dataset`, computed once and kept in cache_dir.
 
-    Each rank encodes its share of the clips and writes one safetensors file; after a barrier every rank reads
-    all of them (training draws any clip on any rank). A later run with the same encoders and clips reads the
-    files instead of decoding media again.
+    Each rank encodes its share of the clips and writes one safetensors file (the clips it skipped in its
+    metadata); after a barrier every rank reads all of them (training draws any clip on any rank). A later run
+    with the same key (feature_key) reads the files instead of decoding media again. Skipping is decided by
+    each run: a cache that left clips out is not used by a run without skip_bad, which encodes again and fails
+    on the bad clip as it would without a cache. With a StopFlag, a signal stops the encoding between clips and
+    exits (128 + signal) before any training.
     """
     from safetensors.torch import load_file, save_file
     import data
-    key = feature_key(model.cfg, dataset.root, [c.name for c in dataset.clips], dataset.use_faces)
-    os.makedirs(cache_dir, exist_ok=True)
+    key = feature_key(model, dataset)
+    ensure_writable(cache_dir)
     files = [os.path.join(cache_dir, f"features_{key}_{r}of{d.world}.safetensors") for r in range(d.world)]
-    skipped_file = os.path.join(cache_dir, f"features_{key}_skipped_{d.rank}.json")
-    if not os.path.isfile(files[d.rank]):
+    skips = _cached_skips(files[d.rank])
+    if skips is None or (skips and not skip_bad):
         share = dataset.subset(dataset.clips[d.rank::d.world])
-        with model.autocast():
-            feats = data.encode_clips(share, model.encode_media, batch_size, skip_bad, progress and d.main)
+        try:
+            with model.autocast():
+                feats = data.encode_clips(share, model.encode_media, batch_size, skip_bad, progress and d.main,
+                                          should_stop=(lambda: stop.raised) if stop else None)
+        except KeyboardInterrupt:
+            if stop is None or not stop.raised:
+                raise
+        if stop is not None and stop.raised:
+            stop.exit(f"stopped by {signal.Signals(stop.signum).name} while encoding features: nothing was trained")
         tensors = {f"{name}|{k}": v.contiguous() for name, f in feats.items() for k, v in f.items()}
-        save_file(tensors, files[d.rank] + ".tmp")
-        os.replace(files[d.rank] + ".tmp", files[d.rank])
-        with open(skipped_file, "w") as f:
-            json.dump(share.skipped, f)
+        try:
+            save_file(tensors, files[d.rank] + ".tmp", metadata={"skipped": json.dumps(share.skipped)})
+            _share_mode(files[d.rank] + ".tmp")
+            os.replace(files[d.rank] + ".tmp", files[d.rank])
+        except OSError as e:
+            _remove(files[d.rank] + ".tmp")
+            raise write_error(files[d.rank], e) from None
     barrier()
     feats = {}
     for file in files:
         for k, v in load_file(file).items():
             name, part = k.rsplit("|", 1)
             feats.setdefault(name, {})[part] = v
-    for r in range(d.world):
-        path = os.path.join(cache_dir, f"features_{key}_skipped_{r}.json")
-        if os.path.isfile(path):
-            dataset.skipped.update(json.load(open(path)))
+        dataset.skipped.update(_cached_skips(file) or {})
     dataset.clips = [c for c in dataset.clips if c.name in feats]
     return feats
 

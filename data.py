@@ -404,10 +404,11 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def encode_clips(dataset: ClipDataset, encode, batch_size=16, skip_bad=False, progress=True,
-                 num_workers=0) -> dict:
+                 num_workers=0, should_stop=None) -> dict:
     """Run `encode(frames, audio) -> {"video": (B, ...), "audio": (B, ...)}` over a ClipDataset once.
     Returns name -> {"video", "audio"} (CPU float32). Undecodable clips raise, or are skipped and counted
-    in dataset.skipped when skip_bad."""
+    in dataset.skipped when skip_bad. `should_stop()`, asked before each clip, raises KeyboardInterrupt when
+    true (a signal handler that only sets a flag cannot be lost inside a decoder)."""
     from tqdm import tqdm
     feats, batch = {}, []
 
@@ -419,6 +420,8 @@ def encode_clips(dataset: ClipDataset, encode, batch_size=16, skip_bad=False, pr
             batch.clear()
 
     for i in tqdm(range(len(dataset)), desc="encode media", disable=not progress, leave=False):
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt("stopped while encoding media")
         try:
             batch.append(dataset[i])
         except DataError as e:

@@ -41,7 +41,6 @@ one function. Truncated completions are kept by default (their missing answer al
 
 import contextlib
 import copy
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -114,7 +113,10 @@ class Args:
     eval_samples: int = field(default=100, metadata={"help": "held-out clips generated greedily"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints (0: end only)"})
     keep_last: int = field(default=2, metadata={"help": "step checkpoints kept"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/latest"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/latest (flags that change the run "
+                                                           "are refused; a larger --max_steps is allowed)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in OUT (its checkpoints, logs and "
+                                                             "args.json) and start over"})
     stop_after: int = field(default=0, metadata={"help": "save and stop after this many steps (0: off)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
 
@@ -359,20 +361,15 @@ def main(args: Args):
     check_args(args)
     d = common.setup_dist(args.device)
     common.seed_everything(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     say = tqdm.write if d.main else (lambda *a, **k: None)
+    # a used --out needs --resume (unchanged run, or more steps) or --overwrite; unwritable folders fail here
+    resume_from = common.check_out(args, d.main, say, grow=("max_steps",))
     logger = common.Logger(args.out, d.main, write=say)
     try:
         init = common.resolve_checkpoint(args.init)
     except FileNotFoundError:
         raise SystemExit(f"error: no SFT checkpoint at {args.init}; run `python sft.py` first "
                          f"(or pass --init PATH)") from None
-    resume_from = common.latest_checkpoint(args.out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise SystemExit(f"error: --resume, but {args.out} has no checkpoint (no {args.out}/latest)")
-    if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
 
     # ---- model: the policy, and the reference = the initial policy ----------------------------------------
     model = model_lib.load_model(init, device=d.device)
@@ -400,7 +397,8 @@ def main(args: Args):
         if os.path.isfile(os.path.join(root, f"{args.eval_split}.csv")) else []
     ds = data.ClipDataset(root, train + held, cfg.n_frames, model.image_size, cfg.audio_clips, cfg.clip_seconds,
                           args.use_faces, args.skip_bad_clips)
-    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips)
+    stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
+    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips, stop=stop)
     train = [c for c in train if c.name in feats]
     held = [c for c in held if c.name in feats]
     if args.clips_per_step % d.world or args.clips_per_step > len(train):
@@ -417,8 +415,9 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     start = common.load_trainer_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    if resume_from:
+        say(f"resumed from {resume_from} at step {start}")
     net = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
-    stop = common.StopFlag()
 
     def save(name, step):
         if d.main:
@@ -432,6 +431,7 @@ def main(args: Args):
             logger.log(step, evaluate(model, held, feats, args, d, lex), prefix="[eval] ")
 
     # ---- loop -------------------------------------------------------------------------------------------
+    common.start_run(args, d.main)  # every check passed: --overwrite clears the old run now; args.json
     if start == 0:
         run_eval(0)
     bar = tqdm(total=args.max_steps, initial=start, desc="grpo", disable=not d.main, dynamic_ncols=True)
@@ -479,7 +479,7 @@ def main(args: Args):
             save(f"step_{step:06d}", step)
         if stop.check(d.device) or (args.stop_after and step - start >= args.stop_after and step < args.max_steps):
             save(f"step_{step:06d}", step)
-            say(f"stopped: saved {args.out}/step_{step:06d}; continue with --resume")
+            say(f"stopped at step {step} of {args.max_steps}: saved {args.out}/step_{step:06d}; continue with --resume")
             break
 
     # ---- save -------------------------------------------------------------------------------------------
@@ -490,6 +490,8 @@ def main(args: Args):
             common.save_checkpoint(args.out, "final", model, state={"step": step, "args": asdict(args)})
             say(f"done: {args.out}/final")
     common.cleanup_dist()
+    if step < args.max_steps:
+        stop.exit()  # stopped by a signal: 128 + its number, so a scheduler does not take the run for finished
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ of the training split unless DIR/val.csv exists; it is for monitoring, never for
 """
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -70,7 +69,7 @@ class Args:
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (tiny: 3e-3, others: 1e-5)"})
     projector_lr_scale: float = field(default=1.0, metadata={"help": "projector learning rate / lr"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps, then cosine to 10%"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps, then cosine to a tenth"})
     epochs: float = field(default=10.0, metadata={"help": "passes over the training split (if max_steps = 0)"})
     max_steps: int = field(default=0, metadata={"help": "optimiser steps (0: from epochs)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
@@ -86,7 +85,10 @@ class Args:
     max_new_tokens: int = field(default=80, metadata={"help": "generation length at evaluation"})
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: end only)"})
     keep_last: int = field(default=2, metadata={"help": "step checkpoints kept"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/latest"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/latest (flags that change the run "
+                                                           "are refused)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in OUT (its checkpoints, logs and "
+                                                             "args.json) and start over"})
     stop_after: int = field(default=0, metadata={"help": "save and stop after this many steps of this "
                                                          "invocation (split a long run into jobs; 0: off)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
@@ -188,14 +190,10 @@ def main(args: Args):
     check_args(args)
     d = common.setup_dist(args.device)
     common.seed_everything(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     say = tqdm.write if d.main else (lambda *a, **k: None)
+    # a used --out needs --resume (unchanged run) or --overwrite; unwritable folders fail here, not at step 1000
+    resume_from = common.check_out(args, d.main, say)
     logger = common.Logger(args.out, d.main, write=say)
-    if args.resume and common.latest_checkpoint(args.out) is None:
-        raise SystemExit(f"error: --resume, but {args.out} has no checkpoint (no {args.out}/latest)")
-    if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
 
     # ---- data -------------------------------------------------------------------------------------------
     root = args.data or "out/synth"
@@ -217,7 +215,6 @@ def main(args: Args):
         val_clips = [c for i, c in enumerate(clips) if i in held]
 
     # ---- model ------------------------------------------------------------------------------------------
-    resume_from = common.latest_checkpoint(args.out) if args.resume else None
     if resume_from or args.init:
         model = model_lib.load_model(common.resolve_checkpoint(resume_from or args.init), device=d.device)
     else:
@@ -234,7 +231,8 @@ def main(args: Args):
 
     ds = data.ClipDataset(root, train_clips + val_clips, cfg.n_frames, model.image_size, cfg.audio_clips,
                           cfg.clip_seconds, args.use_faces, args.skip_bad_clips)
-    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips)
+    stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
+    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips, stop=stop)
     if ds.skipped:
         say(f"skipped {len(ds.skipped)} clips with bad media, e.g. {next(iter(ds.skipped.values()))}")
     train_clips = [c for c in train_clips if c.name in feats]
@@ -263,7 +261,6 @@ def main(args: Args):
         say(f"resumed from {resume_from} at step {start}")
     net = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
     lex = reward.load_lexicon("builtin")
-    stop = common.StopFlag()
 
     def save(name):
         if d.main:
@@ -280,6 +277,7 @@ def main(args: Args):
             say(f"  {name}  gt {gt}\n    -> {text}")
 
     # ---- loop -------------------------------------------------------------------------------------------
+    common.start_run(args, d.main)  # every check passed: --overwrite clears the old run now; args.json
     if start == 0 and args.eval_every:
         run_eval(0)  # the starting point, for the curves
     model.train()
@@ -320,7 +318,7 @@ def main(args: Args):
             save(f"step_{step:06d}")
         if stop.check(d.device) or (args.stop_after and step - start >= args.stop_after and step < total):
             save(f"step_{step:06d}")
-            say(f"stopped: saved {args.out}/step_{step:06d}; continue with --resume")
+            say(f"stopped at step {step} of {total}: saved {args.out}/step_{step:06d}; continue with --resume")
             break
 
     # ---- save -------------------------------------------------------------------------------------------
@@ -331,6 +329,8 @@ def main(args: Args):
             common.save_checkpoint(args.out, "final", model, state={"step": step, "args": asdict(args)})
             say(f"done: {args.out}/final")
     common.cleanup_dist()
+    if step < total:
+        stop.exit()  # stopped by a signal: 128 + its number, so a scheduler does not take the run for finished
 
 
 if __name__ == "__main__":

@@ -225,3 +225,100 @@ def test_synthetic_set_is_reproducible(synth, tmp_path):
     for rel in ("train.csv", "test.csv", "reasons.csv", "video/synth_00007.mp4", "audio/synth_00007.wav"):
         assert digest(synth / rel) == digest(again / rel), rel
     assert digest(synth / "train.csv") != digest(other / "train.csv")
+
+
+# ---- the feature cache (common.cached_features): keyed on everything the features depend on -------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu").eval()
+
+
+def cache_run(model, root, cache, skip_bad=False):
+    """(features from the cache, the dataset after it) for the train split of root."""
+    import common
+    ds = data.ClipDataset(str(root), data.read_split(str(root), "train"), 8, model.image_size, 2, 1.0)
+    feats = common.cached_features(model, ds, str(cache), common.Dist(), skip_bad=skip_bad, progress=False)
+    return feats, ds
+
+
+def direct(model, root, names):
+    """Features encoded now, without any cache: the reference."""
+    clips = [c for c in data.read_split(str(root), "train") if c.name in names]
+    return data.encode_clips(data.ClipDataset(str(root), clips, 8, model.image_size, 2, 1.0), model.encode_media,
+                             progress=False)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in ("video", "audio"))
+
+
+def test_feature_cache_sees_regenerated_data(tiny_model, tmp_path):
+    root = tmp_path / "synth"
+    data.synthesize(str(root), n_train=6, n_test=1, seed=0, progress=False)
+    old, _ = cache_run(tiny_model, root, tmp_path / "cache")
+    data.synthesize(str(root), n_train=6, n_test=1, seed=1, progress=False)  # same folder, same clip names
+    new, _ = cache_run(tiny_model, root, tmp_path / "cache")
+    assert same(new, direct(tiny_model, root, set(new)))
+    assert not same(new, old)  # the data did change: the check above is not vacuous
+
+
+def test_feature_cache_sees_other_encoder_weights(tiny_model, tmp_path):
+    root = tmp_path / "synth"
+    data.synthesize(str(root), n_train=4, n_test=1, seed=0, progress=False)
+    model = M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu").eval()
+    old, _ = cache_run(model, root, tmp_path / "cache")
+    with torch.no_grad():  # the same config and names, other weights (e.g. a local encoder folder retrained)
+        model.vision.vision_model.embeddings.patch_embedding.weight.mul_(1.5)
+        model.audio.encoder.layers[0].attention.q_proj.weight.add_(0.1)
+    new, _ = cache_run(model, root, tmp_path / "cache")
+    assert same(new, direct(model, root, set(new))) and not same(new, old)
+
+
+def test_skipping_bad_clips_is_decided_by_each_run(tiny_model, tmp_path):
+    root = tmp_path / "synth"
+    data.synthesize(str(root), n_train=5, n_test=1, seed=0, progress=False)
+    bad = data.read_split(str(root), "train")[2].name
+    video = root / "video" / f"{bad}.mp4"
+    good_bytes = video.read_bytes()
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
+    feats, ds = cache_run(tiny_model, root, tmp_path / "cache", skip_bad=True)
+    assert bad not in feats and bad in ds.skipped and len(feats) == 4
+    # without --skip_bad_clips the same clip fails, as it does without a cache
+    with pytest.raises(data.DataError, match=f"clip {bad}: .*{bad}.mp4: cannot decode video"):
+        cache_run(tiny_model, root, tmp_path / "cache")
+    video.write_bytes(good_bytes)  # repaired: encoded again, by a run with or without the flag
+    for skip in (True, False):
+        feats, ds = cache_run(tiny_model, root, tmp_path / "cache", skip_bad=skip)
+        assert bad in feats and not ds.skipped and same(feats, direct(tiny_model, root, set(feats)))
+
+
+def test_a_signal_stops_feature_encoding(tiny_model, tmp_path, monkeypatch):
+    """The signal handler only sets a flag (a KeyboardInterrupt raised inside a decoder's destructor is lost);
+    encoding checks it between clips and exits with 128 + the signal, caching nothing."""
+    import os
+    import signal
+    import common
+    root = tmp_path / "synth"
+    data.synthesize(str(root), n_train=6, n_test=1, seed=0, progress=False)
+    calls, encode = [], tiny_model.encode_media
+
+    def encode_then_signal(frames, audio):
+        calls.append(len(frames))
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first batch is being encoded
+        return encode(frames, audio)
+
+    monkeypatch.setattr(tiny_model, "encode_media", encode_then_signal)
+
+    ds = data.ClipDataset(str(root), data.read_split(str(root), "train"), 8, tiny_model.image_size, 2, 1.0)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = common.StopFlag()
+        with pytest.raises(SystemExit) as e:
+            common.cached_features(tiny_model, ds, str(tmp_path / "cache"), common.Dist(), batch_size=2,
+                                   progress=False, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert e.value.code == 128 + signal.SIGINT and calls == [2]  # stopped after the first batch of 6 clips
+    assert not list((tmp_path / "cache").glob("features_*"))
