@@ -37,6 +37,9 @@ must agree during RL), format weight 0.5, no length penalty by default (the pape
 accuracy + format). Dropout is off in every pass (rollout, old, reference and update), so the ratio compares
 one function. Truncated completions are kept by default (their missing answer already earns no accuracy);
 `--truncated drop` leaves them out of the loss.
+
+Runs: a used OUT needs --resume (flags that alter the run are refused; a larger --max_steps is allowed) or
+--overwrite; Ctrl-C or SIGTERM saves, then exits with 128 + the signal (common.check_out, README "Runs").
 """
 
 import contextlib

@@ -44,6 +44,12 @@ else
 fi
 D=$OUT/synth
 F=$OUT/features
+# a second reproduction into the same OUT starts clean (the stages refuse a used --out); features are kept
+if compgen -G "$OUT/sft_s*" > /dev/null || [ -d "$OUT/logs" ]; then
+  echo "removing the previous reproduction in $OUT (runs, evaluations, plots, logs; the feature cache stays)"
+  rm -rf "$OUT"/sft_s* "$OUT"/sftrl_s* "$OUT"/grpo_* "$OUT"/sft_nothink "$OUT/eval" "$OUT/plots" "$OUT/logs" \
+    "$OUT/results.md"
+fi
 mkdir -p "$OUT/logs" "$OUT/eval"
 T0=$(date +%s)
 

@@ -13,7 +13,9 @@ LoRA (or the full LLM) with the loss on target tokens only.
 Batches: `--batch_size` clips per optimiser step over all ranks, cut into micro-batches of `--micro_batch`
 clips per rank; the loss is the mean over all target tokens of the step (token counts are all-reduced), so
 the update is the same for any micro-batch size and world size. Data order is a pure function of
-(seed, step): resuming replays nothing and skips nothing. Ctrl-C or SIGTERM saves a checkpoint first.
+(seed, step): resuming replays nothing and skips nothing. Ctrl-C or SIGTERM saves a checkpoint first, then exits
+with 128 + the signal. A used OUT needs --resume (flags that alter the run are refused; --max_steps and --epochs
+too, since they set the cosine schedule's length) or --overwrite (common.check_out, README "Runs").
 
 Outputs: OUT/step_XXXXXX/ (keep_last of them), OUT/latest, OUT/final/ (loaded by grpo.py and eval.py),
 OUT/metrics.jsonl, OUT/args.json.
