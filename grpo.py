@@ -480,7 +480,8 @@ def main(args: Args):
             run_eval(step)
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save(f"step_{step:06d}", step)
-        if stop.check(d.device) or (args.stop_after and step - start >= args.stop_after and step < args.max_steps):
+        # the last step just finishes: one save (re-saving the step `latest` names is not kill -9 safe)
+        if step < args.max_steps and (stop.check(d.device) or (args.stop_after and step - start >= args.stop_after)):
             save(f"step_{step:06d}", step)
             say(f"stopped at step {step} of {args.max_steps}: saved {args.out}/step_{step:06d}; continue with --resume")
             break

@@ -318,7 +318,8 @@ def main(args: Args):
             run_eval(step)
         if args.save_every and step % args.save_every == 0 and step < total:
             save(f"step_{step:06d}")
-        if stop.check(d.device) or (args.stop_after and step - start >= args.stop_after and step < total):
+        # the last step just finishes: one save (re-saving the step `latest` names is not kill -9 safe)
+        if step < total and (stop.check(d.device) or (args.stop_after and step - start >= args.stop_after)):
             save(f"step_{step:06d}")
             say(f"stopped at step {step} of {total}: saved {args.out}/step_{step:06d}; continue with --resume")
             break

@@ -177,6 +177,20 @@ def test_full_disk_leaves_no_partial_checkpoint(tiny, tmp_path, monkeypatch):
     assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")
 
 
+def test_a_failed_log_write_is_one_message(tmp_path, monkeypatch):
+    logger = common.Logger(str(tmp_path), True, write=lambda s: None)
+    real_open = open
+
+    def full(path, *a, **k):
+        if str(path).endswith("metrics.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(SystemExit, match=f"error: cannot write {tmp_path}/metrics.jsonl: the disk is full"):
+        logger.log(1, {"train/loss": 1.0})
+
+
 def test_checkpoint_files_have_the_mode_of_other_files(tiny, tmp_path):
     common.save_checkpoint(str(tmp_path), "final", tiny, state={"step": 1})
     common.Logger(str(tmp_path), True, write=lambda s: None).log(1, {"train/loss": 1.0})
