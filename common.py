@@ -243,21 +243,37 @@ def check_out(args, main: bool = True, say=print, grow=()) -> str | None:
     return resume_from
 
 
-def start_run(args, main: bool):
+def start_run(args, main: bool, resumed_at: int | None = None):
     """Call once the run has passed every check, before the first step: --overwrite deletes the old run's
-    files now (only them: other files in --out stay), then args.json is written. Rank 0 only."""
+    files now (only them: other files in --out stay); a resumed run drops the metrics logged after its
+    checkpoint (a killed run logged steps it never saved: they would appear twice); args.json is written.
+    Rank 0 only."""
     if not main:
         return
     path = os.path.join(args.out, "args.json")
+    metrics = os.path.join(args.out, "metrics.jsonl")
     try:
         if args.overwrite:
             for name in run_files(args.out):
                 _remove(os.path.join(args.out, name))
+        if resumed_at is not None and os.path.isfile(metrics):
+            with open(metrics) as f:
+                keep = [line for line in f if _logged_step(line) <= resumed_at]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(metrics + ".tmp", metrics)
         with open(path + ".tmp", "w") as f:
             json.dump(asdict(args), f, indent=1)
         os.replace(path + ".tmp", path)
     except OSError as e:
         raise write_error(path, e) from None
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by the crash
+        return float("inf")
 
 
 def _remove(path: str):

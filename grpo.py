@@ -434,7 +434,7 @@ def main(args: Args):
             logger.log(step, evaluate(model, held, feats, args, d, lex), prefix="[eval] ")
 
     # ---- loop -------------------------------------------------------------------------------------------
-    common.start_run(args, d.main)  # every check passed: --overwrite clears the old run now; args.json
+    common.start_run(args, d.main, start if resume_from else None)  # all checks passed: --overwrite acts now
     if start == 0:
         run_eval(0)
     bar = tqdm(total=args.max_steps, initial=start, desc="grpo", disable=not d.main, dynamic_ncols=True)

@@ -279,7 +279,7 @@ def main(args: Args):
             say(f"  {name}  gt {gt}\n    -> {text}")
 
     # ---- loop -------------------------------------------------------------------------------------------
-    common.start_run(args, d.main)  # every check passed: --overwrite clears the old run now; args.json
+    common.start_run(args, d.main, start if resume_from else None)  # all checks passed: --overwrite acts now
     if start == 0 and args.eval_every:
         run_eval(0)  # the starting point, for the curves
     model.train()

@@ -154,6 +154,15 @@ def _can_write(folder):
     return True
 
 
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    fake_run(out, sft.Args(out=str(out)))  # checkpoint at step 2; a kill -9 after step 4 was logged
+    lines = [json.dumps({"step": s, "train/loss": 1.0 + s}) + "\n" for s in (0, 1, 2, 2, 3, 4)]
+    (out / "metrics.jsonl").write_text("".join(lines) + '{"step": 5, "train/lo')
+    common.start_run(sft.Args(out=str(out), resume=True), main=True, resumed_at=2)
+    assert (out / "metrics.jsonl").read_text() == "".join(lines[:4])
+
+
 # ---- checkpoints: full disk, orphans, permissions ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
