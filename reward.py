@@ -52,6 +52,7 @@ The RL reward of one completion (`score_completion`), with w_* the weights:
 Command line (prints how every label travels through the wheels, and every reward component):
 
     python reward.py "<think>..</think><answer>happy, tense</answer>" --gt "['worried', 'nervous']" [--lexicon DIR]
+    python reward.py --file completion.txt --gt "..."       # or - (stdin), for long completions
 """
 
 import argparse
@@ -61,6 +62,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -174,18 +176,32 @@ def build_lexicon(source, wheel_rows, synonym_pairs, form_pairs, polarity=None) 
         wheel_words=frozenset(w for m in maps for w in m[0]))
 
 
+class LexiconError(ValueError):
+    """A lexicon that cannot be read: names the file and the problem."""
+
+
+OFFICIAL_FILES = [f"wheel{k}.xlsx" for k in range(1, N_WHEELS + 1)] + ["synonym.xlsx", "format.csv"]
+
+
 def _read_official(folder) -> Lexicon:
     """The official wheel files: wheel1..5.xlsx, synonym.xlsx, format.csv."""
-    import openpyxl  # only needed for the official files
+    try:
+        import openpyxl  # only needed for the official files
+    except ImportError:
+        raise LexiconError("the official wheel files need openpyxl (pip install openpyxl)") from None
+    missing = [name for name in OFFICIAL_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise LexiconError(f"lexicon {folder}: missing {', '.join(missing)} (the official wheel folder holds "
+                           f"{', '.join(OFFICIAL_FILES)})")
 
     def sheet_rows(name):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"official lexicon: {path} is missing (need wheel1..5.xlsx, synonym.xlsx, "
-                                    "format.csv)")
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        rows = list(book.worksheets[0].iter_rows(values_only=True))
-        book.close()
+        try:
+            book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+            rows = list(book.worksheets[0].iter_rows(values_only=True))
+            book.close()
+        except Exception as e:  # openpyxl raises zip, XML and key errors for damaged files
+            raise LexiconError(f"{path}: cannot read the workbook ({type(e).__name__}: {e})") from None
         return rows[1:]  # row 0 is the header
 
     wheel_rows = []
@@ -194,8 +210,9 @@ def _read_official(folder) -> Lexicon:
         for row in sheet_rows(f"wheel{k}.xlsx"):
             # a blank cell repeats the cell above (merged-cell style); values are lower-cased and stripped
             last = [str(v).lower().strip() if v is not None else last[i] for i, v in enumerate(row[:3])]
-            if None in last:
-                raise ValueError(f"wheel{k}.xlsx: row {row} has a blank cell with nothing above it")
+            if len(row) < 3 or None in last:
+                raise LexiconError(f"{os.path.join(folder, f'wheel{k}.xlsx')}: row {row} needs three cells "
+                                   "(level 1, 2, 3), a blank one repeating the cell above")
             rows.append(tuple(last))
         wheel_rows.append(rows)
 
@@ -210,11 +227,17 @@ def _read_official(folder) -> Lexicon:
 
     path = os.path.join(folder, "format.csv")
     form_pairs = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            name = row["name"].lower().strip()
-            form_pairs.append((name, name))
-            form_pairs += [(form, name) for form in parse_labels(row["format"] or "")]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, strict=True)
+            if not {"name", "format"} <= set(reader.fieldnames or ()):
+                raise LexiconError(f"{path}: needs columns 'name' and 'format'; header is {reader.fieldnames}")
+            for row in reader:
+                name = (row["name"] or "").lower().strip()
+                form_pairs.append((name, name))
+                form_pairs += [(form, name) for form in parse_labels(row["format"] or "")]
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise LexiconError(f"{path}: cannot read it as UTF-8 CSV ({e})") from None
     return build_lexicon(os.path.abspath(folder), wheel_rows, synonym_pairs, form_pairs)
 
 
@@ -290,7 +313,8 @@ def load_lexicon(source="builtin") -> Lexicon:
     key = source if source == "builtin" else os.path.abspath(source)
     if key not in _LEXICONS:
         if source != "builtin" and not os.path.isdir(source):
-            raise FileNotFoundError(f"lexicon: {source!r} is neither 'builtin' nor a folder of wheel files")
+            raise LexiconError(f"lexicon: {source!r} is neither 'builtin' nor a folder of wheel files "
+                               f"({', '.join(OFFICIAL_FILES)})")
         _LEXICONS[key] = _read_builtin() if source == "builtin" else _read_official(source)
     return _LEXICONS[key]
 
@@ -580,9 +604,26 @@ def explain_label(label: str, lex: Lexicon, level: int = 1) -> list:
     return lines
 
 
+def read_completion(completion: str | None, path: str | None) -> str:
+    """The completion text: given on the command line, read from a file, or from stdin when it is "-"."""
+    if (completion is None) == (path is None):
+        raise SystemExit("error: give the completion as an argument, or --file PATH (- for stdin)")
+    if completion is not None and completion != "-":
+        return completion
+    if completion == "-" or path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --file {path}: cannot read it as UTF-8 text ({e})") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Explain the EW reward of one completion.")
-    p.add_argument("completion", help="model output, e.g. '<think>..</think><answer>happy, tense</answer>'")
+    p.add_argument("completion", nargs="?",
+                   help="model output, e.g. '<think>..</think><answer>happy, tense</answer>'; - reads stdin")
+    p.add_argument("--file", help="read the completion from this file instead (- for stdin)")
     p.add_argument("--gt", required=True, help="ground-truth labels, e.g. \"['worried', 'nervous']\"")
     p.add_argument("--lexicon", default="builtin", help="'builtin' or a folder with the official wheel files")
     p.add_argument("--level", type=int, default=1, choices=(1, 2))
@@ -592,21 +633,25 @@ def main(argv=None):
     p.add_argument("--w-align", type=float, default=0.0)
     p.add_argument("--w-dual", type=float, default=0.0)
     args = p.parse_args(argv)
-    lex = load_lexicon(args.lexicon)
+    completion = read_completion(args.completion, args.file)
+    try:
+        lex = load_lexicon(args.lexicon)
+    except LexiconError as e:
+        raise SystemExit(f"error: {e}") from None
     think = not args.no_think
-    answer, gt = extract_answer(args.completion), parse_labels(args.gt)
+    answer, gt = extract_answer(completion), parse_labels(args.gt)
     print(f"lexicon: {lex.source}, level {args.level}")
     for title, labels in (("ground truth", gt), ("answer", answer)):
         print(f"{title}: {labels}")
         for label in labels:
             print("\n".join(explain_label(label, lex, args.level)))
     if think:
-        print(f"emotions named in <think>: {spot_emotions(extract_think(args.completion), lex)}")
+        print(f"emotions named in <think>: {spot_emotions(extract_think(completion), lex)}")
     print("per wheel (precision, recall):")
     for k, pr in enumerate(sample_scores(answer, gt, lex, args.level), 1):
         print(f"  wheel {k}: " + ("skipped (ground truth maps to nothing)" if pr is None
                                   else f"P={pr[0]:.3f} R={pr[1]:.3f} F={f1(*pr):.3f}"))
-    r = score_completion(args.completion, gt, lex, think=think, penalty=args.penalty, w_format=args.w_format,
+    r = score_completion(completion, gt, lex, think=think, penalty=args.penalty, w_format=args.w_format,
                          w_align=args.w_align, w_dual=args.w_dual, level=args.level)
     if r is None:
         print("reward: None (the ground truth maps to no wheel: such clips are dropped from RL)")

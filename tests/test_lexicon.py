@@ -73,7 +73,7 @@ def test_bad_lexicon_file_is_refused(tmp_path, lex):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="polarity 'angry'"):
         reward._read_builtin(str(path))
-    with pytest.raises(FileNotFoundError, match="neither 'builtin' nor a folder"):
+    with pytest.raises(reward.LexiconError, match="neither 'builtin' nor a folder"):
         reward.load_lexicon(str(tmp_path / "nowhere"))
 
 

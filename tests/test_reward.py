@@ -250,3 +250,32 @@ def test_cli_explains_every_step(capsys, lex, monkeypatch):
     want = reward.score_completion("<think>She seems uneasy.</think><answer>glad, xyz</answer>",
                                    "['glad', 'anxious']", lex, penalty="p1")
     assert f"= {want['total']:.4f}" in out
+
+
+def test_cli_reads_the_completion_from_a_file_or_stdin(capsys, lex, monkeypatch, tmp_path):
+    import io
+    monkeypatch.setattr(reward, "load_lexicon", lambda source: lex)
+    text = "<think>She seems uneasy.\n" + "And more. " * 500 + "</think><answer>glad, xyz</answer>"
+    reward.main([text, "--gt", "glad, anxious"])
+    want = capsys.readouterr().out
+    assert "answer: ['glad', 'xyz']" in want and "emotions named in <think>: ['uneasy']" in want
+    (tmp_path / "c.txt").write_text(text)
+    reward.main(["--file", str(tmp_path / "c.txt"), "--gt", "glad, anxious"])
+    assert capsys.readouterr().out == want
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    reward.main(["-", "--gt", "glad, anxious"])
+    assert capsys.readouterr().out == want
+    with pytest.raises(SystemExit, match="give the completion as an argument, or --file"):
+        reward.main(["x", "--file", str(tmp_path / "c.txt"), "--gt", "glad"])
+    with pytest.raises(SystemExit, match=r"--file .*nope.txt: cannot read it"):
+        reward.main(["--file", str(tmp_path / "nope.txt"), "--gt", "glad"])
+
+
+def test_bad_lexicon_is_one_message(tmp_path):
+    pytest.importorskip("openpyxl")
+    with pytest.raises(SystemExit, match=r"lexicon .*: missing wheel1.xlsx, .*format.csv"):
+        reward.main(["<answer>glad</answer>", "--gt", "glad", "--lexicon", str(tmp_path)])
+    for name in reward.OFFICIAL_FILES:
+        (tmp_path / name).write_text("not a workbook")
+    with pytest.raises(SystemExit, match=r"wheel1.xlsx: cannot read the workbook"):
+        reward.main(["<answer>glad</answer>", "--gt", "glad", "--lexicon", str(tmp_path)])
