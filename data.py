@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reward import load_lexicon, parse_labels
+from reward import LexiconError, load_lexicon, parse_labels
 
 SAMPLE_RATE = 16_000
 QUESTION = "Please recognize all possible emotional states of the character."
@@ -63,6 +63,15 @@ ANSWER_INSTRUCTION = "List the emotion labels, separated by commas, inside <answ
 
 class DataError(ValueError):
     """Bad input: names the file (and clip or row) and the problem."""
+
+
+def exit_on_bad_input(main, *args):
+    """Run a stage's main(*args); bad input (a DataError or LexiconError: something in the files the user gave)
+    ends the process with its message and exit code 1, not a traceback."""
+    try:
+        return main(*args)
+    except (DataError, LexiconError) as e:
+        sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,8 +112,7 @@ def read_table(path: str, required, optional=(), multiline=()) -> list:
         except csv.Error as e:
             raise DataError(f"{path}, line {start}: {e}" + _merged_hint(start, reader.line_num)) from None
         except UnicodeDecodeError:
-            raise DataError(f"{path}, line {_first_bad_utf8_line(path)}: not UTF-8 text (save the file as UTF-8)") \
-                from None
+            raise DataError(not_utf8(path)) from None
     return rows
 
 
@@ -130,14 +138,19 @@ def _merged_hint(first: int, last: int) -> str:
     return f" (the row runs over lines {first}-{last}: an unbalanced quote?)" if last > first else ""
 
 
-def _first_bad_utf8_line(path: str) -> int:
+def not_utf8(path: str) -> str:
+    """The message for a text file that is not UTF-8, naming its first bad line."""
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return number
-    return 1
+        number = next((n for n, line in enumerate(f, 1) if not _is_utf8(line)), 1)
+    return f"{path}, line {number}: not UTF-8 text (save the file as UTF-8)"
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def read_column(path: str, column, optional=False, free_text=False) -> dict:
@@ -355,6 +368,12 @@ def media_paths(root: str, name: str, use_faces: bool = False, video_dir: str = 
     return visual, os.path.join(root, audio_dir, f"{name}.wav")
 
 
+def bad_clips_message(bad: dict, n_clips: int, root: str) -> str:
+    """One message listing every bad clip (name -> reason)."""
+    return (f"{len(bad)} of {n_clips} clips have bad media:\n  " + "\n  ".join(bad.values())
+            + f"\n(use --skip_bad_clips to leave them out; `python data.py check {root}` checks the whole folder)")
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Clips with decoded media: {"name", "frames" (N, size, size, 3) uint8, "audio" (C, S) float32, "clip"}.
 
@@ -372,12 +391,11 @@ class ClipDataset(torch.utils.data.Dataset):
         for clip in clips:
             missing = [p for p in self.paths(clip.name) if not os.path.isfile(p)]
             if missing:
-                reason = f"clip {clip.name}: missing {', '.join(missing)}"
-                if not skip_bad:
-                    raise DataError(reason + " (use --skip_bad_clips to leave such clips out)")
-                self.skipped[clip.name] = reason
+                self.skipped[clip.name] = f"clip {clip.name}: missing {', '.join(missing)}"
             else:
                 self.clips.append(clip)
+        if self.skipped and not skip_bad:  # every bad clip at once, not one per run
+            raise DataError(bad_clips_message(self.skipped, len(clips), root))
 
     def paths(self, name: str) -> tuple:
         return media_paths(self.root, name, self.use_faces, self.video_dir, self.audio_dir)
@@ -406,11 +424,12 @@ class ClipDataset(torch.utils.data.Dataset):
 def encode_clips(dataset: ClipDataset, encode, batch_size=16, skip_bad=False, progress=True,
                  num_workers=0, should_stop=None) -> dict:
     """Run `encode(frames, audio) -> {"video": (B, ...), "audio": (B, ...)}` over a ClipDataset once.
-    Returns name -> {"video", "audio"} (CPU float32). Undecodable clips raise, or are skipped and counted
-    in dataset.skipped when skip_bad. `should_stop()`, asked before each clip, raises KeyboardInterrupt when
+    Returns name -> {"video", "audio"} (CPU float32). Undecodable clips are skipped and counted in
+    dataset.skipped when skip_bad; otherwise one DataError lists them all (after the first, the remaining clips
+    are only decoded, to find the others). `should_stop()`, asked before each clip, raises KeyboardInterrupt when
     true (a signal handler that only sets a flag cannot be lost inside a decoder)."""
     from tqdm import tqdm
-    feats, batch = {}, []
+    feats, batch, bad = {}, [], {}
 
     def flush():
         if batch:
@@ -425,13 +444,113 @@ def encode_clips(dataset: ClipDataset, encode, batch_size=16, skip_bad=False, pr
         try:
             batch.append(dataset[i])
         except DataError as e:
-            if not skip_bad:
-                raise
-            dataset.skipped[dataset.clips[i].name] = str(e)
+            (dataset.skipped if skip_bad else bad)[dataset.clips[i].name] = str(e)
+        if bad:
+            batch.clear()  # the run will fail: no point in encoding
         if len(batch) == batch_size:
             flush()
+    if bad:
+        raise DataError(bad_clips_message(bad, len(dataset), dataset.root))
     flush()
     return feats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `python data.py check DIR`: every problem of a dataset folder at once
+
+
+def _check_names(path: str, rows: list, problems: list) -> list:
+    """The names of a table's rows; empty and repeated names are problems (all of them, with their lines)."""
+    names, seen = [], {}
+    for row in rows:
+        name = row["name"].strip()
+        if not name:
+            problems.append(f"{path}, line {row['_line']}: empty name")
+        elif name in seen:
+            problems.append(f"{path}, line {row['_line']}: name {name!r} repeats line {seen[name]}")
+        else:
+            seen[name] = row["_line"]
+            names.append(name)
+    return names
+
+
+def check_dataset(root: str, n_frames: int = 8, progress: bool = True) -> tuple:
+    """Validate a dataset folder: its CSV files (strict reading, columns, names, labels), and every clip's video
+    (or face crops) and audio decoded as training decodes them. Returns (problems, notes): problems make the
+    folder unusable as it is; notes are worth knowing (a clip without subtitle, a clip in two splits)."""
+    from tqdm import tqdm
+    problems, notes, splits, tables, n_label_files = [], [], {}, {}, 0
+    if not os.path.isdir(root):
+        return [f"{root}: no such folder"], notes
+    sub_file = find_subtitles(root)
+    for file in sorted(f for f in os.listdir(root) if f.lower().endswith(".csv")):
+        path = os.path.join(root, file)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                header = [h.strip() for h in next(csv.reader(f), [])]
+            if "openset" in header:
+                kind, column, n_label_files = "labels", "openset", n_label_files + 1
+            elif path == sub_file:
+                kind, column = "subtitles", ("english", "sentence")
+            elif "reason" in header:
+                kind, column = "reasons", "reason"
+            else:
+                read_table(path, [])  # an unknown table: it must still be well-formed CSV
+                notes.append(f"{path}: not a label, subtitle or reason table (columns {header}); only its CSV "
+                             "syntax was checked")
+                continue
+            rows = read_table(path, ["name", column], multiline=[] if kind == "labels" else [column])
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        except UnicodeDecodeError:  # in the header
+            problems.append(not_utf8(path))
+            continue
+        names = _check_names(path, rows, problems)
+        if kind != "labels":
+            tables[kind] = set(names)
+            continue
+        splits[file] = names
+        empty = [r["name"].strip() for r in rows if not parse_labels(r["openset"])]
+        if empty:
+            notes.append(f"{path}: {len(empty)} clips without any label (no reward signal), e.g. "
+                         f"{', '.join(empty[:5])}")
+    if not n_label_files:
+        problems.append(f"{root}: no label table (a CSV with columns name, openset, e.g. train.csv)")
+    clips = list(dict.fromkeys(n for names in splits.values() for n in names))  # each clip once, in order
+    for kind in ("subtitles", "reasons"):
+        if kind in tables:
+            lacking = [n for n in clips if n not in tables[kind]]
+            if lacking:
+                notes.append(f"{len(lacking)} clips have no {kind[:-1]} (e.g. {', '.join(lacking[:5])})")
+    seen = {}
+    for file, names in splits.items():
+        for n in names:
+            seen.setdefault(n, []).append(file)
+    shared = {n: fs for n, fs in seen.items() if len(fs) > 1}
+    if shared:
+        notes.append(f"{len(shared)} clips are in more than one label table (e.g. "
+                     + ", ".join(f"{n} in {' and '.join(fs)}" for n, fs in list(shared.items())[:5]) + ")")
+    video_dir, audio_dir = first_dir(root, VIDEO_DIRS), first_dir(root, AUDIO_DIRS)
+    faces = os.path.isdir(os.path.join(root, "openface_face"))
+    no_faces = []
+    for name in tqdm(clips, desc="check media", disable=not progress, leave=False):
+        video, audio = media_paths(root, name, False, video_dir, audio_dir)
+        face = media_paths(root, name, True, video_dir, audio_dir)[0] if faces else video
+        if faces and face == video:
+            no_faces.append(name)
+        checks = [(load_video, video, (n_frames, 32)), (load_audio, audio, (1, 1.0))]
+        if face != video:
+            checks.append((load_faces, face, (n_frames, 32)))
+        for load, path, settings in checks:  # decoded exactly as training decodes them
+            try:
+                load(path, *settings)
+            except DataError as e:
+                problems.append(f"clip {name}: {e}")
+    if no_faces:
+        notes.append(f"{len(no_faces)} clips have no face crops in openface_face/ (with --use_faces they use "
+                     f"their video), e.g. {', '.join(no_faces[:5])}")
+    return problems, notes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -723,7 +842,17 @@ def main(argv=None):
     s.add_argument("--n-val", type=int, default=100, help="clean validation clips (0: no val.csv)")
     s.add_argument("--n-test", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("check", help="validate a dataset folder and list every problem (exit 1 when any)")
+    c.add_argument("dir", help="dataset folder in the official layout")
     args = p.parse_args(argv)
+    if args.command == "check":
+        problems, notes = check_dataset(args.dir)
+        for line in notes:
+            print(f"note: {line}")
+        for line in problems:
+            print(f"problem: {line}")
+        print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: no problems found")
+        sys.exit(1 if problems else 0)
     sizes = (args.n_train, args.n_rl, args.n_val, args.n_test)
     if min(sizes) < 0 or sum(sizes) == 0:
         sys.exit("error: --n-train, --n-rl, --n-val and --n-test must be >= 0 and not all 0")

@@ -137,6 +137,8 @@ def score_main(argv):
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty")
     args = p.parse_args(argv)
+    if args.json:
+        check_writable(os.path.dirname(args.json) or ".", "--json")
     try:
         report = score_files(args.pred, args.gt, args.lexicon, args.level, args.task, args.missing_as_empty)
     except (OSError, ValueError, KeyError) as e:
@@ -145,6 +147,19 @@ def score_main(argv):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+        print(f"report in {args.json}")
+
+
+def check_writable(folder: str, flag: str):
+    """Create `folder` and make sure files can be written there, before any work whose results would be lost."""
+    probe = os.path.join(folder, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"error: {flag} {folder}: cannot write there ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +187,9 @@ class Args:
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
-    out: str = field(default="out/eval", metadata={"help": "report folder"})
+    out: str | None = field(default=None, metadata={"help": "report folder (default: out/eval/RUN_CHECKPOINT_SPLIT, "
+                                                            "e.g. out/eval/grpo_final_test)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an evaluation of another checkpoint in --out"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
 
@@ -195,14 +212,24 @@ def blank_features(model) -> dict:
         return {k: v[0].cpu() for k, v in model.encode_media(frames, audio).items()}
 
 
-def generate_all(model, clips, feats, args, d, think, draws: int = 0) -> dict:
+def generate_all(model, clips, feats, args, d, think, draws: int = 0, desc: str = "generate") -> dict:
     """name -> list of completions (greedy when draws = 0, else `draws` samples), sharded over ranks and
-    gathered on every rank."""
+    gathered on every rank, with a progress bar on rank 0."""
+    from tqdm import tqdm
     sampling = {"greedy": True} if draws == 0 else {
         "temperature": args.temperature, "top_p": args.top_p,
         "generator": torch.Generator(d.device).manual_seed(args.seed * 1009 + d.rank)}
-    return common.complete_sharded(model, clips, feats, d, max(1, draws), think=think,
-                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **sampling)
+    # chunks of batch_size clips per rank: each rank generates exactly the batches of one big call, so the
+    # results do not depend on the chunking
+    chunk = args.batch_size * d.world
+    out = {}
+    with tqdm(total=len(clips), desc=desc, unit="clip", disable=not d.main, leave=False) as bar:
+        for i in range(0, len(clips), chunk):
+            out.update(common.complete_sharded(model, clips[i:i + chunk], feats, d, max(1, draws), think=think,
+                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                               **sampling))
+            bar.update(len(clips[i:i + chunk]))
+    return out
 
 
 def prepare(model, root, clips, args, d) -> tuple:
@@ -211,7 +238,7 @@ def prepare(model, root, clips, args, d) -> tuple:
     ds = data.ClipDataset(root, clips, cfg.n_frames, model.image_size, cfg.audio_clips, cfg.clip_seconds,
                           args.use_faces, args.skip_bad_clips)
     feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips,
-                                   progress=False)
+                                   progress=d.main)
     return [c for c in clips if c.name in feats], feats, ds.skipped
 
 
@@ -246,10 +273,10 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     ablated modality. Returns (metrics, per-clip rows)."""
     clips, feats, skipped = prepare(model, root, clips, args, d)
     gts = {c.name: c.labels for c in clips}
-    metrics = {"skipped_clips": len(skipped)}
+    metrics = {"skipped_clips": len(skipped), "skipped": dict(skipped)}
     rows = []
     for mode, draws in [("greedy", 0)] + ([("sampled", args.sample)] if args.sample else []):
-        outputs = generate_all(model, clips, feats, args, d, think, draws)
+        outputs = generate_all(model, clips, feats, args, d, think, draws, desc=mode)
         metrics[mode] = score_draws(outputs, gts, lex, think)
         for c in clips:
             for k, text in enumerate(outputs[c.name]):
@@ -262,7 +289,8 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     blank = blank_features(model) if ablate else None
     for kind in ablate:
         c2, f2 = without(kind, clips, feats, blank)
-        metrics[f"without_{kind}"] = score_draws(generate_all(model, c2, f2, args, d, think), gts, lex, think)
+        metrics[f"without_{kind}"] = score_draws(generate_all(model, c2, f2, args, d, think, desc=f"without {kind}"),
+                                                 gts, lex, think)
     return metrics, rows
 
 
@@ -317,10 +345,10 @@ def evaluate_unibench(model, args, d, think, lex) -> dict:
         subtitles = data.read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
         clips = [data.Clip(n, labels[n], subtitles.get(n, "")) for n in labels]
         clips, feats, skipped = prepare(model, folder, clips, args, d)
-        outputs = generate_all(model, clips, feats, args, d, think)
+        outputs = generate_all(model, clips, feats, args, d, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
         answers = {n: reward.extract_answer(t) for n, t in first.items()}
-        row = {"task": task, "n": len(clips), "skipped": len(skipped)}
+        row = {"task": task, "n": len(clips), "skipped": len(skipped), "skipped_clips": dict(skipped)}
         if task == "ovmer":
             row["score"] = ew_metric(answers, {c.name: c.labels for c in clips}, lex)["fscore"]
         elif task == "hit":
@@ -351,15 +379,25 @@ def write_reports(out: str, metrics: dict, rows: list | None):
         f.write(summary_markdown(metrics))
 
 
+def skipped_lines(skipped: dict, where: str = "") -> list:
+    """Markdown lines naming every clip left out for bad media, with the reason."""
+    if not skipped:
+        return []
+    return ["", f"Skipped {len(skipped)} clips{where} with bad media (left out of every score):"] + \
+        [f"- {reason}" for reason in skipped.values()]
+
+
 def summary_markdown(m: dict) -> str:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
     lines = [f"# Evaluation of `{m['ckpt']}`", ""]
     if "unibench" in m:
         u = m["unibench"]
-        lines += ["| dataset | task | score | accuracy | n |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} |"
+        lines += ["| dataset | task | score | accuracy | n | skipped |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} | {r['skipped']} |"
                   for k, r in u["datasets"].items()]
-        lines += [f"| **mean** | | {pct(u['mean'])} | | |", "", f"missing datasets: {', '.join(u['missing'])}"]
+        lines += [f"| **mean** | | {pct(u['mean'])} | | | |", "", f"missing datasets: {', '.join(u['missing'])}"]
+        for k, r in u["datasets"].items():
+            lines += skipped_lines(r.get("skipped_clips", {}), f" of {k}")
         return "\n".join(lines) + "\n"
     lines += [f"split `{m['split']}` of `{m['data']}`, {m['greedy']['n_clips']} clips, think={m['think']}", "",
               "| decoding | level | EW-F | precision | recall | format | labels |", "|---|---|---|---|---|---|---|"]
@@ -371,7 +409,30 @@ def summary_markdown(m: dict) -> str:
             lines.append(f"| {title.get(name, name.replace('_', ' ') + ' (greedy)')} | {level} | "
                          f"{pct(r[f'ew_f_l{level}'])} | {pct(r[f'precision_l{level}'])} | "
                          f"{pct(r[f'recall_l{level}'])} | {pct(r['format_rate'])} | {r['n_labels']:.2f} |")
+    lines += skipped_lines(m.get("skipped", {}))
     return "\n".join(lines) + "\n"
+
+
+def default_out(ckpt: str, args: Args) -> str:
+    """out/eval/RUN_CHECKPOINT_SPLIT (e.g. out/eval/grpo_final_test): evaluating another checkpoint, or another
+    split, never lands in the same folder."""
+    run, name = os.path.normpath(os.path.abspath(ckpt)).split(os.sep)[-2:]
+    return os.path.join("out", "eval", f"{run}_{name}_{args.benchmark or args.split}")
+
+
+def check_out(out: str, ckpt: str, overwrite: bool):
+    """Refuse a report folder that holds the evaluation of another checkpoint (unless --overwrite); make sure
+    it can be written before the evaluation starts."""
+    previous = os.path.join(out, "metrics.json")
+    if os.path.isfile(previous) and not overwrite:
+        try:
+            with open(previous) as f:
+                other = json.load(f).get("ckpt_path")
+        except (OSError, ValueError, AttributeError):
+            other = "an unreadable metrics.json"
+        if other != os.path.abspath(ckpt):
+            sys.exit(f"error: --out {out} holds the evaluation of {other}; choose another --out, or --overwrite")
+    check_writable(out, "--out")
 
 
 def eval_main(argv):
@@ -388,71 +449,134 @@ def eval_main(argv):
         ckpt = common.resolve_checkpoint(args.ckpt)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
+    # everything a user can get wrong is checked before the model is loaded and the clips are decoded
+    out = args.out or default_out(ckpt, args)
+    check_out(out, ckpt, args.overwrite)
+    lex = load_lexicon(args.lexicon)
+    root = args.data or "out/synth"
+    if args.benchmark and not os.path.isdir(args.root):
+        raise SystemExit(f"error: --root {args.root}: no such folder")
+    clips = None if args.benchmark else data.read_split(root, args.split)
     d = common.setup_dist(args.device)
     model = model_lib.load_model(ckpt, device=d.device).eval()
-    think, lex = resolve_think(args, ckpt), load_lexicon(args.lexicon)
-    meta = {"ckpt": ckpt, "think": think, "lexicon": lex.source, **{k: v for k, v in asdict(args).items()
-                                                                    if k not in ("ckpt", "think")}}
+    think = resolve_think(args, ckpt)
+    meta = {"ckpt": ckpt, "ckpt_path": os.path.abspath(ckpt), "think": think, "lexicon": lex.source,
+            **{k: v for k, v in asdict(args).items() if k not in ("ckpt", "think", "out")}, "out": out}
     if args.benchmark:
         metrics, rows = {**meta, "unibench": evaluate_unibench(model, args, d, think, lex)}, None
     else:
-        root = args.data or "out/synth"
-        clips = data.read_split(root, args.split)
         result, rows = evaluate_openset(model, root, clips, args, d, think, lex, ablate)
         metrics = {**meta, "data": root, **result}
     if d.main:
-        write_reports(args.out, metrics, rows)
+        write_reports(out, metrics, rows)
         print(summary_markdown(metrics), end="")
-        print(f"reports in {args.out}/")
+        files = ["metrics.json", "summary.md"] + (["per_clip.csv"] if rows is not None else [])
+        print(f"reports in {out}/: {', '.join(files)}")
     common.cleanup_dist()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # `plot`: training curves from metrics.jsonl
 
-PANELS = [("reward/total", "reward (total)"), ("reward/accuracy", "reward: accuracy"),
-          ("reward/format", "reward: format"), ("eval/ew_f", "held-out EW-F (greedy)"), ("train/kl", "KL (k3)"),
-          ("rollout/length_mean", "completion length (tokens)"), ("rollout/n_labels", "labels per answer"),
-          ("train/loss", "training loss")]
+# Panels per stage. SFT and GRPO runs get separate panels (their steps are different things, and their losses
+# different quantities: SFT's NLL per target token, GRPO's clipped surrogate plus KL term).
+PANELS = {
+    "sft": [("train/loss", "SFT loss (NLL per target token)"), ("eval/loss", "held-out NLL per target token"),
+            ("eval/ew_f", "held-out EW-F (greedy)"), ("eval/format_rate", "held-out format rate"),
+            ("eval/n_labels", "held-out labels per answer"), ("train/lr", "learning rate")],
+    "grpo": [("reward/total", "reward (total)"), ("reward/accuracy", "reward: accuracy"),
+             ("reward/format", "reward: format"), ("eval/ew_f", "held-out EW-F (greedy)"),
+             ("train/kl", "KL to the reference (k3)"), ("rollout/length_mean", "completion length (tokens)"),
+             ("rollout/n_labels", "labels per answer"), ("train/loss", "GRPO loss (surrogate + KL term)")],
+}
+STAGE_TITLES = {"sft": "SFT", "grpo": "GRPO"}
+
+
+def read_metrics(path: str) -> list:
+    """The complete lines of a metrics.jsonl; incomplete ones (a run killed while writing) are left out with a
+    warning."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                bad.append(number)
+    if bad:
+        print(f"warning: {path}: left out {len(bad)} incomplete line(s): {', '.join(map(str, bad[:10]))}",
+              file=sys.stderr)
+    return rows
+
+
+def run_stage(run: str, rows: list) -> str:
+    """sft or grpo: GRPO runs log rewards and rollouts, SFT runs do not."""
+    return "grpo" if any(k.startswith(("reward/", "rollout/")) for m in rows for k in m) else "sft"
+
+
+def plot_runs(runs: list, plt):
+    """runs: [(name, stage, metrics rows)] -> a figure with one block of panels per stage (its own x-axis:
+    that stage's optimiser step) and one colour per run, the same in every panel, named in each block's legend."""
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    colour = {i: colours[i % len(colours)] for i in range(len(runs))}
+    stages = [st for st in PANELS if any(r[1] == st for r in runs)]
+    blocks = {st: [(k, t) for k, t in PANELS[st] if any(k in m for _, s, ms in runs if s == st for m in ms)]
+              for st in stages}
+    cols = 4
+    heights = [max(1, math.ceil(len(blocks[st]) / cols)) for st in stages]
+    fig = plt.figure(figsize=(4 * cols, 3.2 * sum(heights) + 0.6 * len(stages)), layout="constrained")
+    subfigs = fig.subfigures(len(stages), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for sub, st, rows_n in zip(subfigs, stages, heights):
+        axes = list(sub.subplots(rows_n, cols, squeeze=False).flat)
+        for ax, (key, title) in zip(axes, blocks[st]):
+            for i, (name, stage, ms) in enumerate(runs):
+                pts = [(m["step"], m[key]) for m in ms if stage == st and isinstance(m.get(key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), color=colour[i], label=name, markersize=3,
+                            marker="o" if key.startswith("eval/") else None)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(f"{STAGE_TITLES[st]} step")
+            ax.grid(alpha=0.3)
+        for ax in axes[len(blocks[st]):]:
+            ax.axis("off")
+        handles = [plt.Line2D([], [], color=colour[i], label=name) for i, (name, stage, _) in enumerate(runs)
+                   if stage == st]
+        sub.suptitle(f"{STAGE_TITLES[st]} runs", fontweight="bold")
+        sub.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig
 
 
 def plot_main(argv):
     p = argparse.ArgumentParser(prog="eval.py plot", description="Plot training curves of sft.py/grpo.py runs.")
     p.add_argument("--run", nargs="+", required=True, help="run folders (with metrics.jsonl), overlaid")
-    p.add_argument("--label", nargs="*", help="legend names (default: folder names)")
+    p.add_argument("--label", nargs="*", help="legend names, one per run (default: folder names)")
     p.add_argument("--out", default="out/plots", help="folder for curves.png")
     args = p.parse_args(argv)
+    if args.label and len(args.label) != len(args.run):
+        sys.exit(f"error: {len(args.label)} --label names for {len(args.run)} --run folders")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: eval.py plot needs matplotlib (pip install matplotlib)")
-    runs = {}
+    runs = []
     for i, run in enumerate(args.run):
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(path):
             sys.exit(f"error: {path}: no such file")
-        with open(path) as f:
-            runs[(args.label or [])[i] if args.label and i < len(args.label) else os.path.basename(run.rstrip("/"))] \
-                = [json.loads(line) for line in f if line.strip()]
-    panels = [(k, t) for k, t in PANELS if any(k in m for ms in runs.values() for m in ms)]
-    cols = 4
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels):
-        for name, ms in runs.items():
-            pts = [(m["step"], m[key]) for m in ms if key in m and m[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name, marker="o" if key.startswith("eval/") else None, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(args.out, exist_ok=True)
+        rows = read_metrics(path)
+        if not rows:
+            sys.exit(f"error: {path}: no complete line to plot")
+        runs.append((args.label[i] if args.label else os.path.basename(os.path.normpath(run)), run_stage(run, rows),
+                     rows))
+    check_writable(args.out, "--out")
+    fig = plot_runs(runs, plt)
     out = os.path.join(args.out, "curves.png")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
@@ -464,7 +588,7 @@ def main(argv=None):
         return score_main(argv[1:])
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
-    return eval_main(argv)
+    return data.exit_on_bad_input(eval_main, argv)
 
 
 if __name__ == "__main__":

@@ -499,4 +499,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    data.exit_on_bad_input(main, common.parse_args(Args))

@@ -323,3 +323,88 @@ def test_a_signal_stops_feature_encoding(tiny_model, tmp_path, monkeypatch):
         signal.signal(signal.SIGTERM, handlers[1])
     assert e.value.code == 128 + signal.SIGINT and calls == [2]  # stopped after the first batch of 6 clips
     assert not list((tmp_path / "cache").glob("features_*"))
+
+
+def test_every_bad_clip_is_listed(tmp_path):
+    (tmp_path / "video").mkdir()
+    (tmp_path / "audio").mkdir()
+    for name in ("good", "bad1", "bad2"):
+        write_video(tmp_path / "video" / f"{name}.mp4", [100] * 4)
+        soundfile.write(tmp_path / "audio" / f"{name}.wav", np.zeros(8000), 16000)
+    clips = [data.Clip(n, "['happy']") for n in ("bad1", "good", "bad2")]
+    args = (8, 32, 2, 1.0)
+    (tmp_path / "audio" / "bad1.wav").unlink()
+    (tmp_path / "video" / "bad2.mp4").unlink()
+    with pytest.raises(data.DataError, match=r"^2 of 3 clips have bad media:\n  clip bad1: missing .*bad1.wav\n"
+                                             r"  clip bad2: missing .*bad2.mp4\n"):
+        data.ClipDataset(str(tmp_path), clips, *args)
+    soundfile.write(tmp_path / "audio" / "bad1.wav", np.zeros(8000), 16000)
+    write_video(tmp_path / "video" / "bad2.mp4", [100] * 4)
+    for name in ("bad1", "bad2"):  # now they exist, but cannot be decoded
+        (tmp_path / "video" / f"{name}.mp4").write_bytes(b"not a video")
+    ds = data.ClipDataset(str(tmp_path), clips, *args)
+    calls = []
+    encode = lambda f, a: calls.append(len(f)) or {"video": f.float().mean((2, 3)), "audio": a}  # noqa: E731
+    with pytest.raises(data.DataError, match=r"^2 of 3 clips have bad media:\n  clip bad1: .*cannot decode video"
+                                             r".*\n  clip bad2: .*cannot decode video"):
+        data.encode_clips(ds, encode, batch_size=1, progress=False)
+    assert calls == []  # after the first bad clip nothing more is encoded: the run fails anyway
+
+
+def test_check_lists_every_problem(tmp_path, capsys):
+    root = tmp_path / "ds"
+    data.synthesize(str(root), n_train=4, n_test=2, seed=1, progress=False)
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(root)])
+    assert e.value.code == 0 and "no problems found" in capsys.readouterr().out
+    names = [f"synth_{i:05d}" for i in range(6)]
+    (root / "train.csv").write_text(f"name,openset\n{names[0]},happy\n{names[0]},sad\n,sad\n{names[2]},\"[sad]\n"
+                                    f"{names[3]},angry\n")   # the quote on line 5 swallows line 6
+    (root / "test.csv").write_bytes(f"name,openset\n{names[4]},caf\xe9\n".encode("latin-1"))
+    (root / "audio" / f"{names[0]}.wav").unlink()
+    (root / "video" / f"{names[0]}.mp4").write_bytes(b"junk")
+    (root / "openface_face").mkdir()
+    np.save(root / "openface_face" / f"{names[0]}.npy", np.zeros((4, 8, 8), np.uint8))  # no colour axis
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(root)])
+    out = capsys.readouterr().out
+    problems = [line for line in out.splitlines() if line.startswith("problem: ")]
+    # both label tables are unreadable (so no clip is known and no media is checked): one problem each
+    assert e.value.code == 1
+    assert problems == [f"problem: {root}/test.csv, line 2: not UTF-8 text (save the file as UTF-8)",
+                        f"problem: {root}/train.csv, line 5: unexpected end of data (the row runs over lines 5-6: "
+                        "an unbalanced quote?)"]
+    (root / "train.csv").write_text(f"name,openset\n{names[0]},happy\n{names[0]},sad\n,sad\n{names[3]},angry\n")
+    (root / "test.csv").write_text(f"name,openset\n{names[4]},sad\n")
+    with pytest.raises(SystemExit):
+        data.main(["check", str(root)])
+    problems = [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
+    assert problems == [f"problem: {root}/train.csv, line 3: name '{names[0]}' repeats line 2",
+                        f"problem: {root}/train.csv, line 4: empty name",
+                        f"problem: clip {names[0]}: {root}/video/{names[0]}.mp4: cannot decode video "
+                        + problems[2].split("cannot decode video ", 1)[1],
+                        f"problem: clip {names[0]}: {root}/audio/{names[0]}.wav: audio file is missing",
+                        f"problem: clip {names[0]}: {root}/openface_face/{names[0]}.npy: face crops must be "
+                        "[T, H, W, 3], got shape (4, 8, 8)"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    M.save_model(M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu"), str(path))
+    return path
+
+
+@pytest.mark.parametrize("script", ["sft.py", "grpo.py"])
+def test_stage_scripts_print_data_errors_as_one_message(tmp_path, script, tiny_ckpt):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    (tmp_path / "d").mkdir()
+    for split in ("train", "rl"):
+        (tmp_path / "d" / f"{split}.csv").write_text("name,openset\na,\"[happy]\nb,[sad]\n")
+    more = ["--init", str(tiny_ckpt)] if script == "grpo.py" else []
+    r = subprocess.run([sys.executable, str(ROOT / script), "--data", str(tmp_path / "d"), "--out",
+                        str(tmp_path / "out"), *more], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and ".csv, line 2: " in r.stderr

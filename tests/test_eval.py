@@ -152,8 +152,8 @@ def test_merunibench_scores_by_hand(unibench, lex, monkeypatch):
                "s1": "happy", "s2": "happy", "s3": "sad"}   # s3 (valence 0) removed; s2 wrong: F1w 1/3, acc 1/2
     texts = {n: f"<think>x</think><answer>{a}</answer>" if a else "no answer" for n, a in answers.items()}
     monkeypatch.setattr(ev, "prepare", lambda model, folder, clips, args, d: (clips, {}, []))
-    monkeypatch.setattr(ev, "generate_all", lambda model, clips, feats, args, d, think: {c.name: [texts[c.name]]
-                                                                                          for c in clips})
+    monkeypatch.setattr(ev, "generate_all", lambda model, clips, feats, args, d, think, **kw: {
+        c.name: [texts[c.name]] for c in clips})
     m = ev.evaluate_unibench(None, ev.Args(root=str(unibench)), common.Dist(), True, lex)
     scores = {k: v["score"] for k, v in m["datasets"].items()}
     assert scores == pytest.approx({"ovmerdplus": 2 / 3, "mer2023": 2 / 3, "meld": 1 / 2, "cmumosi": 1 / 3})
@@ -179,6 +179,60 @@ def test_eval_on_one_and_two_ranks_agree(synth_data, tiny_ckpt, tmp_path):
     assert "| greedy | 1 |" in (tmp_path / "one" / "summary.md").read_text()
 
 
+def test_eval_lists_skipped_clips_and_its_reports(synth_data, tiny_ckpt, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synth_data, root)
+    test = [c.name for c in data.read_split(str(root), "test")]
+    (root / "audio" / f"{test[1]}.wav").unlink()
+    (root / "video" / f"{test[3]}.mp4").unlink()
+    (root / "video" / f"{test[4]}.mp4").write_bytes(b"not a video")
+    args = ["--ckpt", str(tiny_ckpt), "--data", str(root), "--max_new_tokens", "4", "--feature_cache",
+            str(tmp_path / "f")]
+    # missing files are found before any decoding, all of them in one message
+    with pytest.raises(SystemExit, match=rf"2 of 16 clips have bad media:\n  clip {test[1]}: missing .*"
+                                         rf"\n  clip {test[3]}: missing .*\n\(use --skip_bad_clips"):
+        ev.main(args + ["--out", str(tmp_path / "no")])
+    assert not (tmp_path / "no" / "metrics.json").exists()
+    ev.main(args + ["--out", str(tmp_path / "ev"), "--skip_bad_clips"])
+    out, err = capsys.readouterr()
+    assert "greedy" in err  # the progress bar
+    for name in (test[1], test[3], test[4]):
+        assert f"- clip {name}: " in out and f"- clip {name}: " in (tmp_path / "ev" / "summary.md").read_text()
+    assert "Skipped 3 clips with bad media" in out
+    assert f"reports in {tmp_path / 'ev'}/: metrics.json, summary.md, per_clip.csv" in out
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert sorted(m["skipped"]) == sorted([test[1], test[3], test[4]]) and m["greedy"]["n_clips"] == 13
+
+
+def test_eval_checks_its_inputs_before_the_work(tiny_ckpt, tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+    monkeypatch.setattr(ev.model_lib, "load_model", no_model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out .*file/eval: cannot write there"):  # root ignores modes
+        ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "file" / "eval")])
+    with pytest.raises(SystemExit, match=r"lexicon: .*nowhere' is neither 'builtin' nor a folder"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--lexicon", str(tmp_path / "nowhere")])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.json").write_text(json.dumps({"ckpt_path": "/elsewhere/final"}))
+    with pytest.raises(SystemExit, match=r"--out .*b holds the evaluation of /elsewhere/final; .*--overwrite"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "b")])
+    ev.check_out(str(tmp_path / "b"), str(tiny_ckpt), overwrite=True)  # allowed with --overwrite
+    (tmp_path / "b" / "metrics.json").write_text(json.dumps({"ckpt_path": str(tiny_ckpt)}))
+    ev.check_out(str(tmp_path / "b"), str(tiny_ckpt), overwrite=False)  # the same checkpoint again: fine
+    with pytest.raises(SystemExit, match=r"data/test.csv: no such file"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "c"), "--data", str(tmp_path / "data")])
+
+
+def test_default_out_is_per_checkpoint_and_split():
+    a = ev.default_out("out/grpo/final", ev.Args(split="test"))
+    assert a == os.path.join("out", "eval", "grpo_final_test")
+    assert ev.default_out("out/grpo/step_000120", ev.Args(split="test")) != a
+    assert ev.default_out("out/sft/final", ev.Args(split="test")) != a
+    assert ev.default_out("out/grpo/final", ev.Args(split="val")) != a
+
+
 def test_eval_errors(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="--ablate 'face'"):
         ev.main(["--ckpt", str(tiny_ckpt), "--ablate", "face"])
@@ -188,18 +242,63 @@ def test_eval_errors(tiny_ckpt, tmp_path):
         ev.main(["--ckpt", str(tiny_ckpt), "--benchmark", "merunibench"])
 
 
-def test_plot(tmp_path):
+def fake_run(folder, stage, scale, steps=5):
+    """A metrics.jsonl as sft.py (train/loss = NLL) or grpo.py (train/loss = surrogate, rewards) writes it."""
+    folder.mkdir()
+    lines = []
+    for s in range(steps):
+        if stage == "sft":
+            lines += [{"step": s, "train/loss": scale * (3 - s / 2), "train/lr": 1e-3},
+                      {"step": s, "eval/loss": scale * 3, "eval/ew_f": 0.1 * s, "examples": [["a", "b", "c"]]}]
+        else:
+            lines.append({"step": s, "reward/total": scale + s / 10, "train/kl": s / 100, "train/loss": -0.01 * s,
+                          "eval/ew_f": 0.5})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    return folder
+
+
+def test_plot_keeps_stages_apart(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    kinds = {"sft_a": "sft", "sft_b": "sft", "grpo_a": "grpo", "grpo_b": "grpo"}
+    runs = [(name, stage, ev.read_metrics(str(fake_run(tmp_path / name, stage, i + 1) / "metrics.jsonl")))
+            for i, (name, stage) in enumerate(kinds.items())]
+    assert [ev.run_stage("", ms) for _, _, ms in runs] == list(kinds.values())
+    fig = ev.plot_runs(runs, plt)
+    colours, loss_titles = {}, set()
+    for sub in fig.subfigs:
+        legend = sub.legends[0]  # every block names its runs with their colours
+        named = {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles)}
+        stage = kinds[next(iter(named))]
+        assert {kinds[n] for n in named} == {stage} and len(named) == 2
+        for ax in sub.axes:
+            lines = ax.get_lines()
+            if not lines:
+                continue
+            assert ax.get_xlabel() == {"sft": "SFT step", "grpo": "GRPO step"}[stage]
+            for line in lines:  # one stage per panel, one colour per run everywhere, as in the legend
+                assert kinds[line.get_label()] == stage
+                assert colours.setdefault(line.get_label(), line.get_color()) == line.get_color()
+                assert named[line.get_label()] == line.get_color()
+            if ax.get_title().endswith(("(NLL per target token)", "(surrogate + KL term)")):
+                loss_titles.add(ax.get_title())
+    assert len(colours) == 4 and len(set(map(str, colours.values()))) == 4
+    assert len(loss_titles) == 2  # SFT's NLL and GRPO's surrogate loss: two panels, two titles
+    plt.close(fig)
+
+
+def test_plot_cli(tmp_path):
     pytest.importorskip("matplotlib")
-    for name, acc in (("a", 0.2), ("b", 0.4)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text(
-            "".join(json.dumps({"step": s, "reward/total": acc + s / 10, "train/kl": s / 100}) + "\n"
-                    for s in range(5)))
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "plot", "--run", str(tmp_path / "a"),
-                        str(tmp_path / "b"), "--out", str(tmp_path / "plots")], capture_output=True, text=True)
+    a, b = fake_run(tmp_path / "a", "sft", 1), fake_run(tmp_path / "b", "grpo", 1)
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "reward/to')  # a run killed while writing its log
+    cmd = [sys.executable, str(ROOT / "eval.py"), "plot", "--run", str(a), str(b), "--out", str(tmp_path / "plots")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "b/metrics.jsonl: left out 1 incomplete line(s): 6" in r.stderr
     png = (tmp_path / "plots" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    r = subprocess.run(cmd + ["--label", "only one"], capture_output=True, text=True)
+    assert r.returncode != 0 and "1 --label names for 2 --run folders" in r.stderr
 
 
 def test_reproduce_quick(tmp_path):

@@ -83,6 +83,17 @@ def test_unbalanced_quote_is_an_error(tmp_path):
     assert "pred.csv, line 2:" in r.stderr and "unbalanced quote" in r.stderr
 
 
+def test_json_report_folder(tmp_path, capsys):
+    import eval as ev
+    gt = write_csv(tmp_path / "gt.csv", [("a", "['happy']")])
+    out = tmp_path / "new" / "folder" / "r.json"  # a missing folder is made
+    ev.main(["score", "--pred", gt, "--gt", gt, "--json", str(out)])
+    assert json.loads(out.read_text())["fscore"] == 1.0 and f"report in {out}" in capsys.readouterr().out
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--json .*file: cannot write there"):  # checked before scoring
+        ev.main(["score", "--pred", str(tmp_path / "nope.csv"), "--gt", gt, "--json", str(tmp_path / "file" / "r.json")])
+
+
 def test_missing_file_and_bad_npz(tmp_path):
     good = write_csv(tmp_path / "good.csv", [("a", "happy")])
     r = score("--pred", tmp_path / "nope.csv", "--gt", good)
