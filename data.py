@@ -234,6 +234,37 @@ def read_unibench_labels(path: str, classes=None) -> dict:
     return out
 
 
+# MER-UniBench, name: (task, folders under --root, label file, corpus classes when 'emo' is an integer index)
+UNIBENCH = {
+    "ovmerdplus": ("ovmer", ("ovmerdplus-process", "ovmerdplus-dataset", "ovmerdplus", "mer2025-dataset"),
+                   ("track2_test.csv", "ovmerdplus.csv", "label.csv"), None),
+    "mer2023": ("hit", ("mer2023-dataset-process", "mer2023-process", "mer2023"), ("label-6way.npz",),
+                ("neutral", "angry", "happy", "sad", "worried", "surprise")),
+    "mer2024": ("hit", ("mer2024-dataset-process", "mer2024-process", "mer2024"), ("label-6way.npz",),
+                ("neutral", "angry", "happy", "sad", "worried", "surprise")),
+    "meld": ("hit", ("meld-dataset", "meld-process", "meld"), ("label.npz",),
+             ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise")),
+    "iemocapfour": ("hit", ("iemocap-dataset", "iemocap-process", "iemocapfour"), ("label_4way.npz", "label.npz"),
+                    ("happy", "sad", "neutral", "anger")),
+    "cmumosi": ("sentiment", ("cmumosi-dataset", "cmumosi-process", "cmumosi"), ("label.npz",), None),
+    "cmumosei": ("sentiment", ("cmumosei-dataset", "cmumosei-process", "cmumosei"), ("label.npz",), None),
+    "sims": ("sentiment", ("sims-dataset", "sims-process", "sims"), ("label.npz",), None),
+    "simsv2": ("sentiment", ("simsv2-dataset", "simsv2-process", "simsv2"), ("label.npz",), None),
+}
+
+
+def find_unibench(root: str) -> dict:
+    """dataset -> (folder, label file) for the datasets present under root."""
+    found = {}
+    for name, (_, folders, files, _) in UNIBENCH.items():
+        for folder in folders:
+            hits = [f for f in files if os.path.isfile(os.path.join(root, folder, f))]
+            if hits:
+                found[name] = (os.path.join(root, folder), os.path.join(root, folder, hits[0]))
+                break
+    return found
+
+
 def find_subtitles(root: str) -> str | None:
     for name in ("subtitles.csv", "subtitle.csv", "subtitle_chieng.csv", "transcription-engchi-polish.csv",
                  "transcription_merge.csv"):

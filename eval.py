@@ -8,6 +8,10 @@
     python eval.py score --pred P --gt G [--lexicon builtin|DIR] [--level 1|2] [--task ovmer|hit] [--json OUT]
     python eval.py plot --run out/sft out/grpo [...] --out out/plots
 
+The report folder defaults to out/eval/RUN_CHECKPOINT_SPLIT (out/eval/grpo_final_test for out/grpo), so the
+evaluation of another checkpoint never overwrites it; a --out that holds another checkpoint's evaluation is
+refused without --overwrite. The folder, the lexicon and the labels are checked before the model is loaded.
+
 Evaluation: greedy decoding, and with `--sample N` also N sampled completions per clip at `--temperature`
 (top_p 0.9 as in the released inference code; the papers' numbers come from such samples); answers parsed from
 <answer> by reward.py; a report in RUN_DIR: metrics.json, summary.md and per_clip.csv (name, decoding, sample,
@@ -44,6 +48,7 @@ import common
 import data
 import model as model_lib
 import reward
+from data import UNIBENCH, find_unibench
 from reward import ew_metric, hit_rate, load_lexicon, parse_labels
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,11 +190,11 @@ class Args:
     benchmark: str = field(default="", metadata={"help": "merunibench: evaluate every dataset under --root"})
     root: str | None = field(default=None, metadata={"help": "MER-UniBench folder"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
-    skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
+    skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (named)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
     out: str | None = field(default=None, metadata={"help": "report folder (default: out/eval/RUN_CHECKPOINT_SPLIT, "
-                                                            "e.g. out/eval/grpo_final_test)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an evaluation of another checkpoint in --out"})
+                                                          "e.g. out/eval/grpo_final_test)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace another checkpoint's evaluation in --out"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
 
@@ -289,43 +294,12 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     blank = blank_features(model) if ablate else None
     for kind in ablate:
         c2, f2 = without(kind, clips, feats, blank)
-        metrics[f"without_{kind}"] = score_draws(generate_all(model, c2, f2, args, d, think, desc=f"without {kind}"),
-                                                 gts, lex, think)
+        outputs = generate_all(model, c2, f2, args, d, think, desc=f"without {kind}")
+        metrics[f"without_{kind}"] = score_draws(outputs, gts, lex, think)
     return metrics, rows
 
 
 # ---- MER-UniBench -------------------------------------------------------------------------------------------
-
-# name: (task, folders under --root, label file, corpus classes when 'emo' is an integer index)
-UNIBENCH = {
-    "ovmerdplus": ("ovmer", ("ovmerdplus-process", "ovmerdplus-dataset", "ovmerdplus", "mer2025-dataset"),
-                   ("track2_test.csv", "ovmerdplus.csv", "label.csv"), None),
-    "mer2023": ("hit", ("mer2023-dataset-process", "mer2023-process", "mer2023"), ("label-6way.npz",),
-                ("neutral", "angry", "happy", "sad", "worried", "surprise")),
-    "mer2024": ("hit", ("mer2024-dataset-process", "mer2024-process", "mer2024"), ("label-6way.npz",),
-                ("neutral", "angry", "happy", "sad", "worried", "surprise")),
-    "meld": ("hit", ("meld-dataset", "meld-process", "meld"), ("label.npz",),
-             ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise")),
-    "iemocapfour": ("hit", ("iemocap-dataset", "iemocap-process", "iemocapfour"), ("label_4way.npz", "label.npz"),
-                    ("happy", "sad", "neutral", "anger")),
-    "cmumosi": ("sentiment", ("cmumosi-dataset", "cmumosi-process", "cmumosi"), ("label.npz",), None),
-    "cmumosei": ("sentiment", ("cmumosei-dataset", "cmumosei-process", "cmumosei"), ("label.npz",), None),
-    "sims": ("sentiment", ("sims-dataset", "sims-process", "sims"), ("label.npz",), None),
-    "simsv2": ("sentiment", ("simsv2-dataset", "simsv2-process", "simsv2"), ("label.npz",), None),
-}
-
-
-def find_unibench(root: str) -> dict:
-    """dataset -> (folder, label file) for the datasets present under root."""
-    found = {}
-    for name, (_, folders, files, _) in UNIBENCH.items():
-        for folder in folders:
-            hits = [f for f in files if os.path.isfile(os.path.join(root, folder, f))]
-            if hits:
-                found[name] = (os.path.join(root, folder), os.path.join(root, folder, hits[0]))
-                break
-    return found
-
 
 def evaluate_unibench(model, args, d, think, lex) -> dict:
     """Score every available MER-UniBench dataset; returns the table (dataset -> metrics) and the mean."""
@@ -393,8 +367,8 @@ def summary_markdown(m: dict) -> str:
     if "unibench" in m:
         u = m["unibench"]
         lines += ["| dataset | task | score | accuracy | n | skipped |", "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} | {r['skipped']} |"
-                  for k, r in u["datasets"].items()]
+        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} | "
+                  f"{r['skipped']} |" for k, r in u["datasets"].items()]
         lines += [f"| **mean** | | {pct(u['mean'])} | | | |", "", f"missing datasets: {', '.join(u['missing'])}"]
         for k, r in u["datasets"].items():
             lines += skipped_lines(r.get("skipped_clips", {}), f" of {k}")
@@ -427,8 +401,9 @@ def check_out(out: str, ckpt: str, overwrite: bool):
     if os.path.isfile(previous) and not overwrite:
         try:
             with open(previous) as f:
-                other = json.load(f).get("ckpt_path")
-        except (OSError, ValueError, AttributeError):
+                m = json.load(f)
+            other = m.get("ckpt_path") or os.path.abspath(m["ckpt"])  # reports before ckpt_path: best guess
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
             other = "an unreadable metrics.json"
         if other != os.path.abspath(ckpt):
             sys.exit(f"error: --out {out} holds the evaluation of {other}; choose another --out, or --overwrite")
@@ -478,79 +453,6 @@ def eval_main(argv):
 # ----------------------------------------------------------------------------------------------------------
 # `plot`: training curves from metrics.jsonl
 
-# Panels per stage. SFT and GRPO runs get separate panels (their steps are different things, and their losses
-# different quantities: SFT's NLL per target token, GRPO's clipped surrogate plus KL term).
-PANELS = {
-    "sft": [("train/loss", "SFT loss (NLL per target token)"), ("eval/loss", "held-out NLL per target token"),
-            ("eval/ew_f", "held-out EW-F (greedy)"), ("eval/format_rate", "held-out format rate"),
-            ("eval/n_labels", "held-out labels per answer"), ("train/lr", "learning rate")],
-    "grpo": [("reward/total", "reward (total)"), ("reward/accuracy", "reward: accuracy"),
-             ("reward/format", "reward: format"), ("eval/ew_f", "held-out EW-F (greedy)"),
-             ("train/kl", "KL to the reference (k3)"), ("rollout/length_mean", "completion length (tokens)"),
-             ("rollout/n_labels", "labels per answer"), ("train/loss", "GRPO loss (surrogate + KL term)")],
-}
-STAGE_TITLES = {"sft": "SFT", "grpo": "GRPO"}
-
-
-def read_metrics(path: str) -> list:
-    """The complete lines of a metrics.jsonl; incomplete ones (a run killed while writing) are left out with a
-    warning."""
-    rows, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-            else:
-                bad.append(number)
-    if bad:
-        print(f"warning: {path}: left out {len(bad)} incomplete line(s): {', '.join(map(str, bad[:10]))}",
-              file=sys.stderr)
-    return rows
-
-
-def run_stage(run: str, rows: list) -> str:
-    """sft or grpo: GRPO runs log rewards and rollouts, SFT runs do not."""
-    return "grpo" if any(k.startswith(("reward/", "rollout/")) for m in rows for k in m) else "sft"
-
-
-def plot_runs(runs: list, plt):
-    """runs: [(name, stage, metrics rows)] -> a figure with one block of panels per stage (its own x-axis:
-    that stage's optimiser step) and one colour per run, the same in every panel, named in each block's legend."""
-    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
-    colour = {i: colours[i % len(colours)] for i in range(len(runs))}
-    stages = [st for st in PANELS if any(r[1] == st for r in runs)]
-    blocks = {st: [(k, t) for k, t in PANELS[st] if any(k in m for _, s, ms in runs if s == st for m in ms)]
-              for st in stages}
-    cols = 4
-    heights = [max(1, math.ceil(len(blocks[st]) / cols)) for st in stages]
-    fig = plt.figure(figsize=(4 * cols, 3.2 * sum(heights) + 0.6 * len(stages)), layout="constrained")
-    subfigs = fig.subfigures(len(stages), 1, height_ratios=heights, squeeze=False)[:, 0]
-    for sub, st, rows_n in zip(subfigs, stages, heights):
-        axes = list(sub.subplots(rows_n, cols, squeeze=False).flat)
-        for ax, (key, title) in zip(axes, blocks[st]):
-            for i, (name, stage, ms) in enumerate(runs):
-                pts = [(m["step"], m[key]) for m in ms if stage == st and isinstance(m.get(key), (int, float))]
-                if pts:
-                    ax.plot(*zip(*pts), color=colour[i], label=name, markersize=3,
-                            marker="o" if key.startswith("eval/") else None)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel(f"{STAGE_TITLES[st]} step")
-            ax.grid(alpha=0.3)
-        for ax in axes[len(blocks[st]):]:
-            ax.axis("off")
-        handles = [plt.Line2D([], [], color=colour[i], label=name) for i, (name, stage, _) in enumerate(runs)
-                   if stage == st]
-        sub.suptitle(f"{STAGE_TITLES[st]} runs", fontweight="bold")
-        sub.legend(handles=handles, loc="outside right upper", fontsize=8)
-    return fig
-
-
 def plot_main(argv):
     p = argparse.ArgumentParser(prog="eval.py plot", description="Plot training curves of sft.py/grpo.py runs.")
     p.add_argument("--run", nargs="+", required=True, help="run folders (with metrics.jsonl), overlaid")
@@ -570,13 +472,16 @@ def plot_main(argv):
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(path):
             sys.exit(f"error: {path}: no such file")
-        rows = read_metrics(path)
+        rows, bad = common.read_metrics(path)
+        if bad:
+            print(f"warning: {path}: left out {len(bad)} incomplete line(s): {', '.join(map(str, bad[:10]))}",
+                  file=sys.stderr)
         if not rows:
             sys.exit(f"error: {path}: no complete line to plot")
-        runs.append((args.label[i] if args.label else os.path.basename(os.path.normpath(run)), run_stage(run, rows),
-                     rows))
+        runs.append((args.label[i] if args.label else os.path.basename(os.path.normpath(run)),
+                     common.run_stage(rows), rows))
     check_writable(args.out, "--out")
-    fig = plot_runs(runs, plt)
+    fig = common.plot_runs(runs, plt)
     out = os.path.join(args.out, "curves.png")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

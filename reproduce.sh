@@ -27,7 +27,10 @@ done
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
+QUICK_NOTE="--quick: toy sizes (a few steps on a few clips) that test the plumbing, not the findings; its numbers
+mean nothing. Run without --quick (about 15 min) for the README's results."
 if [ "$QUICK" = 1 ]; then
+  echo "$QUICK_NOTE"
   SYNTH="--n-train 48 --n-rl 16 --n-val 8 --n-test 16"
   SFT="--max_steps 20 --eval_every 0 --eval_samples 4 --save_every 0"
   CTRL="--max_steps 4 --eval_every 0 --eval_samples 4 --save_every 0 --batch_size 8 --micro_batch 8"
@@ -132,13 +135,17 @@ def spread(values):
 
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
            platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-lines = ["# Results of `bash reproduce.sh" + (" --quick" if quick else "") + "`", "",
-         f"Machine: {os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}."
-         f" Wall time: {wall // 60} min {wall % 60} s. Test split of the synthetic benchmark, level-1 EW metric,"
-         " mean ± standard deviation over seeds 0, 1, 2.", "",
-         "## 1. SFT vs SFT + GRPO", "",
-         "| model | EW-F (greedy) | precision | recall | labels | EW-F (sampled, T=1, top_p 0.9) |",
-         "|---|---|---|---|---|---|"]
+lines = ["# Results of `bash reproduce.sh" + (" --quick" if quick else "") + "`", ""]
+if quick:
+    lines += ["**Toy sizes: these numbers test the plumbing, not the findings; they mean nothing.** Run "
+              "`bash reproduce.sh` without `--quick` for the results.", ""]
+lines += [
+          f"Machine: {os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}."
+          f" Wall time: {wall // 60} min {wall % 60} s. Test split of the synthetic benchmark, level-1 EW metric,"
+          " mean ± standard deviation over seeds 0, 1, 2.", "",
+          "## 1. SFT vs SFT + GRPO", "",
+          "| model | EW-F (greedy) | precision | recall | labels | EW-F (sampled, T=1, top_p 0.9) |",
+          "|---|---|---|---|---|---|"]
 for title, name in (("SFT", "sft"), ("SFT + GRPO (accuracy + format)", "grpo"),
                     ("control: SFT, then SFT on the GRPO split", "sftrl")):
     ms = [ev(f"{name}_s{s}") for s in range(3)]
@@ -179,3 +186,4 @@ open(os.path.join(out, "results.md"), "w").write("\n".join(lines))
 print("\n".join(lines))
 EOF
 echo "done in $WALL s: $OUT/results.md"
+if [ "$QUICK" = 1 ]; then echo "$QUICK_NOTE"; fi

@@ -91,7 +91,8 @@ def test_json_report_folder(tmp_path, capsys):
     assert json.loads(out.read_text())["fscore"] == 1.0 and f"report in {out}" in capsys.readouterr().out
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=r"--json .*file: cannot write there"):  # checked before scoring
-        ev.main(["score", "--pred", str(tmp_path / "nope.csv"), "--gt", gt, "--json", str(tmp_path / "file" / "r.json")])
+        ev.main(["score", "--pred", str(tmp_path / "nope.csv"), "--gt", gt, "--json",
+                 str(tmp_path / "file" / "r.json")])
 
 
 def test_missing_file_and_bad_npz(tmp_path):
