@@ -301,23 +301,28 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
 
 # ---- MER-UniBench -------------------------------------------------------------------------------------------
 
-def evaluate_unibench(model, args, d, think, lex) -> dict:
-    """Score every available MER-UniBench dataset; returns the table (dataset -> metrics) and the mean."""
-    builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
-    table, found = {}, find_unibench(args.root)
-    for name, (task, _, _, classes) in UNIBENCH.items():
-        if name not in found:
-            continue
-        folder, label_file = found[name]
+def read_unibench(root: str) -> dict:
+    """dataset -> (task, folder, clips, corpus) of every MER-UniBench dataset under root (read before any work,
+    so that a bad label file stops the run before the first dataset is evaluated)."""
+    sets = {}
+    for name, (folder, label_file) in find_unibench(root).items():
+        task, classes, corpus = UNIBENCH[name][0], UNIBENCH[name][3], None
         if task == "ovmer":
             labels = data.read_column(label_file, "openset")
-            corpus = None
         else:
             corpus = data.read_unibench_labels(label_file, classes)
             labels = {n: (e or "") for n, (e, _) in corpus.items()}
         sub_file = data.find_subtitles(folder)
         subtitles = data.read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
-        clips = [data.Clip(n, labels[n], subtitles.get(n, "")) for n in labels]
+        sets[name] = (task, folder, [data.Clip(n, labels[n], subtitles.get(n, "")) for n in labels], corpus)
+    return sets
+
+
+def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> dict:
+    """Score every available MER-UniBench dataset; returns the table (dataset -> metrics) and the mean."""
+    builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
+    table, sets = {}, read_unibench(args.root) if sets is None else sets
+    for name, (task, folder, clips, corpus) in sets.items():
         clips, feats, skipped = prepare(model, folder, clips, args, d)
         outputs = generate_all(model, clips, feats, args, d, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
@@ -334,7 +339,7 @@ def evaluate_unibench(model, args, d, think, lex) -> dict:
             row.update(score=s["weighted_f1"], accuracy=s["accuracy"], n=s["n"])
         table[name] = row
     scores = [r["score"] for r in table.values() if r["score"] is not None]
-    return {"datasets": table, "missing": [n for n in UNIBENCH if n not in found],
+    return {"datasets": table, "missing": [n for n in UNIBENCH if n not in sets],
             "mean": sum(scores) / len(scores) if scores else None}
 
 
@@ -431,16 +436,16 @@ def eval_main(argv):
     root = args.data or "out/synth"
     if args.benchmark and not os.path.isdir(args.root):
         raise SystemExit(f"error: --root {args.root}: no such folder")
-    clips = None if args.benchmark else data.read_split(root, args.split)
+    labelled = read_unibench(args.root) if args.benchmark else data.read_split(root, args.split)
     d = common.setup_dist(args.device)
     model = model_lib.load_model(ckpt, device=d.device).eval()
     think = resolve_think(args, ckpt)
     meta = {"ckpt": ckpt, "ckpt_path": os.path.abspath(ckpt), "think": think, "lexicon": lex.source,
             **{k: v for k, v in asdict(args).items() if k not in ("ckpt", "think", "out")}, "out": out}
     if args.benchmark:
-        metrics, rows = {**meta, "unibench": evaluate_unibench(model, args, d, think, lex)}, None
+        metrics, rows = {**meta, "unibench": evaluate_unibench(model, args, d, think, lex, labelled)}, None
     else:
-        result, rows = evaluate_openset(model, root, clips, args, d, think, lex, ablate)
+        result, rows = evaluate_openset(model, root, labelled, args, d, think, lex, ablate)
         metrics = {**meta, "data": root, **result}
     if d.main:
         write_reports(out, metrics, rows)

@@ -223,6 +223,11 @@ def test_eval_checks_its_inputs_before_the_work(tiny_ckpt, tmp_path, monkeypatch
     ev.check_out(str(tmp_path / "b"), str(tiny_ckpt), overwrite=False)  # the same checkpoint again: fine
     with pytest.raises(SystemExit, match=r"data/test.csv: no such file"):
         ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "c"), "--data", str(tmp_path / "data")])
+    (tmp_path / "ub" / "meld-dataset").mkdir(parents=True)
+    (tmp_path / "ub" / "meld-dataset" / "label.npz").write_text("not an archive")
+    with pytest.raises(SystemExit, match=r"meld-dataset/label.npz: not a .npz file"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "d"), "--benchmark", "merunibench", "--root",
+                 str(tmp_path / "ub")])
 
 
 def test_default_out_is_per_checkpoint_and_split():
