@@ -143,7 +143,7 @@ def score_main(argv):
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty")
     args = p.parse_args(argv)
     if args.json:
-        check_writable(os.path.dirname(args.json) or ".", "--json")
+        common.ensure_writable(os.path.dirname(args.json) or ".")  # before the work, not after it
     try:
         report = score_files(args.pred, args.gt, args.lexicon, args.level, args.task, args.missing_as_empty)
     except (OSError, ValueError, KeyError) as e:
@@ -153,18 +153,6 @@ def score_main(argv):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"report in {args.json}")
-
-
-def check_writable(folder: str, flag: str):
-    """Create `folder` and make sure files can be written there, before any work whose results would be lost."""
-    probe = os.path.join(folder, f".write_test_{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        sys.exit(f"error: {flag} {folder}: cannot write there ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,7 +400,7 @@ def check_out(out: str, ckpt: str, overwrite: bool):
             other = "an unreadable metrics.json"
         if other != os.path.abspath(ckpt):
             sys.exit(f"error: --out {out} holds the evaluation of {other}; choose another --out, or --overwrite")
-    check_writable(out, "--out")
+    common.ensure_writable(out)
 
 
 def eval_main(argv):
@@ -485,7 +473,7 @@ def plot_main(argv):
             sys.exit(f"error: {path}: no complete line to plot")
         runs.append((args.label[i] if args.label else os.path.basename(os.path.normpath(run)),
                      common.run_stage(rows), rows))
-    check_writable(args.out, "--out")
+    common.ensure_writable(args.out)
     fig = common.plot_runs(runs, plt)
     out = os.path.join(args.out, "curves.png")
     fig.savefig(out, dpi=110)
