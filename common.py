@@ -29,6 +29,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import data
+import model as model_lib
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed
@@ -381,7 +386,6 @@ def save_checkpoint(out: str, name: str, model, optimizer=None, scheduler=None, 
     """Atomically write OUT/name/ (model + trainer state) and point OUT/latest at it. Rank 0 only. A failed
     write (full or read-only disk) removes its partial files, so they cannot keep the disk full, and ends
     the run with one message; `latest` keeps pointing at the last complete checkpoint."""
-    import model as model_lib
     final = os.path.join(out, name)
     tmp = os.path.join(out, f".tmp_{name}_{os.getpid()}")
     pointer = os.path.join(out, "latest.tmp")
@@ -489,7 +493,6 @@ def feature_key(model, dataset) -> str:
     their origin: hub name, local folder, checkpoint or random init; their dtype and the device type), the
     frame and audio preprocessing settings, and every media file (path, size and mtime_ns), so that data
     regenerated or repaired in the same folder is encoded again."""
-    import data
     h = hashlib.sha256()
     settings = {"version": FEATURES_VERSION, "n_frames": dataset.n_frames, "image_size": dataset.image_size,
                 "audio_clips": dataset.audio_clips, "clip_seconds": dataset.clip_seconds,
@@ -515,7 +518,6 @@ def feature_key(model, dataset) -> str:
 
 def _cached_skips(path: str) -> dict | None:
     """The clips a cache file left out (name -> reason), or None when the file is absent or unreadable."""
-    from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
             return json.loads((f.metadata() or {}).get("skipped", "{}"))
@@ -534,8 +536,6 @@ def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 1
     on the bad clip as it would without a cache. With a StopFlag, a signal stops the encoding between clips and
     exits (128 + signal) before any training.
     """
-    from safetensors.torch import load_file, save_file
-    import data
     key = feature_key(model, dataset)
     ensure_writable(cache_dir)
     files = [os.path.join(cache_dir, f"features_{key}_{r}of{d.world}.safetensors") for r in range(d.world)]
@@ -573,7 +573,6 @@ def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 1
 def complete_sharded(model, clips, feats: dict, d: Dist, n: int = 1, **kwargs) -> dict:
     """name -> n completions of each clip. The clips are split over the ranks and every rank gets all the
     results; kwargs go to model.complete (think, max_new_tokens, batch_size, greedy or sampling parameters)."""
-    import data
     mine = clips[d.rank::d.world]
     texts = []
     if mine:  # a rank can be left without clips (fewer clips than ranks)

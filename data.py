@@ -1,6 +1,6 @@
 """data.py: OV-MER datasets in the official layout, prompts for every stage, and a synthetic OV-MER benchmark.
 
-The official layout (../shared/docs/ovmer.md, section 2), all under one folder DIR:
+The official layout (what the released datasets unpack to), all under one folder DIR:
     DIR/{split}.csv            name, openset        labels as a list-looking string "['happy', 'excited']"
     DIR/reasons.csv            name, reason         descriptions (the <think> targets); optional
     DIR/subtitles.csv          name, english        (or name, sentence); also subtitle_chieng.csv

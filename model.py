@@ -9,8 +9,10 @@
 
 The LLM is any transformers causal LM (Qwen2.5 in the paper) with hand-written LoRA (`LoRALinear`) on the
 attention and MLP projections, or trained in full. `encode_media` runs the frozen encoders once per clip, so
-GRPO reuses the features for all G samples, the reference pass and every update. `adapters_disabled()` turns
-the policy into its reference (no second copy of the LLM); `merge_lora()` folds the adapters into the weights.
+GRPO reuses the features for all G samples, the reference pass and every update. `frozen_copy()` gives GRPO its
+reference, the initial policy: frozen copies of the trainable tensors sharing every frozen one (no second copy
+of the base LLM). `adapters_disabled()` runs the network without its LoRA adapters, which is the same function
+only when the adapters are fresh (zero B); `merge_lora()` folds the adapters into the weights.
 
 Presets (each also carries the public architecture dimensions, so `random_init=True` builds the real shapes
 without the hub, for throughput and memory planning):
@@ -32,6 +34,7 @@ A checkpoint directory holds `config.json` (the ModelConfig, naming encoders and
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -358,7 +361,7 @@ class AffectGPT(nn.Module):
 
     @contextlib.contextmanager
     def adapters_disabled(self):
-        """The reference policy: the same network with every LoRA adapter switched off."""
+        """The same network with every LoRA adapter switched off: the base LLM under the adapters."""
         layers = [m for m in self.llm.modules() if isinstance(m, LoRALinear)]
         if not layers:
             raise RuntimeError("adapters_disabled() needs LoRA (train_llm='lora')")
@@ -604,6 +607,16 @@ def add_lora(model: AffectGPT, r: int, alpha: float, dropout: float = 0.0, targe
                                     lora_targets=tuple(targets), train_projector=train_projector,
                                     base_in_checkpoint=True)
     return model
+
+
+def frozen_copy(model: AffectGPT) -> AffectGPT:
+    """A frozen snapshot of `model` as it is now (GRPO's reference): its own copies of the trainable tensors
+    (projector, adapters, or the whole LLM) and every frozen tensor shared, not copied. With fresh adapters it
+    computes what `adapters_disabled()` does; after SFT trained the adapters, it is the SFT policy."""
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+    shared.update({id(b): b for name, b in model.named_buffers() if not name.startswith("projector.")})
+    ref = copy.deepcopy(model, memo=shared)  # memo: deepcopy hands back these tensors instead of copying them
+    return ref.requires_grad_(False).eval()
 
 
 def trainable_state_dict(model: AffectGPT, keep_vars: bool = False) -> dict:

@@ -5,7 +5,7 @@ sectors. That mapping is a table lookup, not a differentiable function, so the p
 This file holds both sides of that bargain: the exact dataset metric (identical to the official code when it
 is given the official wheel files) and the per-completion reward built from it.
 
-The mapping, as the official code does it (../shared/docs/ovmer.md, section 4):
+The mapping, as the official code does it:
 
     label --forms--> synonym keys --synonyms--> wheel words --sort, first in wheel k--> sector (level 1 or 2)
 
@@ -18,7 +18,7 @@ Two lexicons:
 - `load_lexicon(DIR)`: the official files (wheel1..5.xlsx, synonym.xlsx, format.csv), read with openpyxl.
   They may not be redistributed, so they never ship with the project.
 
-Where the official code yields NaN or crashes we define the behaviour (../shared/ew_parity/README.md):
+Where the official code yields NaN or crashes we define the behaviour (tests/test_ew_parity.py holds it):
 F = 0 when precision + recall = 0; a wheel with no usable sample is left out of the means (all wheels empty:
 the scores are None, with a warning); a lone "[" parses to no labels; a ground-truth name without a prediction
 is an error naming it.
@@ -305,18 +305,13 @@ def _read_builtin(path=LEXICON_FILE) -> Lexicon:
     return build_lexicon("builtin", wheel_rows, synonym_pairs, form_pairs, polarity)
 
 
-_LEXICONS = {}
-
-
 def load_lexicon(source="builtin") -> Lexicon:
-    """"builtin" (our lexicon.json) or a folder with the official files. Loaded once per process."""
-    key = source if source == "builtin" else os.path.abspath(source)
-    if key not in _LEXICONS:
-        if source != "builtin" and not os.path.isdir(source):
-            raise LexiconError(f"lexicon: {source!r} is neither 'builtin' nor a folder of wheel files "
-                               f"({', '.join(OFFICIAL_FILES)})")
-        _LEXICONS[key] = _read_builtin() if source == "builtin" else _read_official(source)
-    return _LEXICONS[key]
+    """"builtin" (our lexicon.json) or a folder with the official files. Reads the files on every call (no cache
+    keyed on a path whose files may change): load once and pass the Lexicon on."""
+    if source != "builtin" and not os.path.isdir(source):
+        raise LexiconError(f"lexicon: {source!r} is neither 'builtin' nor a folder of wheel files "
+                           f"({', '.join(OFFICIAL_FILES)})")
+    return _read_builtin() if source == "builtin" else _read_official(source)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def main():
     cfg = model_lib.ModelConfig.from_preset(a.preset, random_init=True, train_llm=a.train_llm)
     t = time.time()
     model = model_lib.build_model(cfg, device=device)
-    ref = grpo.frozen_copy(model)
+    ref = model_lib.frozen_copy(model)
     sizes = model_lib.count_parameters(model)
     print(f"{a.preset} (random init) on {device}: built in {time.time() - t:.1f} s; parameters "
           + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items()))
@@ -69,19 +69,31 @@ def main():
         feats = {c.name: {k: v[i].cpu() for k, v in media.items()} for i, c in enumerate(clips)}
         sync()
         t_enc = time.time() - t0
-        ro, info = grpo.rollout(model, ref, clips, feats, args, lex, torch.Generator(device).manual_seed(step))
-        sync()
+        s = grpo.rollout(model, clips, feats, a.group, True, a.max_new_tokens, 1.0,
+                         torch.Generator(device).manual_seed(step))
         t1 = time.time()
-        n_seqs, n_tokens = float((ro.loss_mask.sum(1) > 0).sum()), float(ro.loss_mask.sum())
-        grpo.accumulate_gradients(model, model, ro, args, max(1.0, n_seqs), max(1.0, n_tokens), 1)
+        scores = [reward.score_completion(text, clips[i // a.group].labels, lex) for i, text in enumerate(s.texts)]
+        rewards = torch.tensor([x["total"] for x in scores], device=device)
+        adv, _ = grpo.group_advantages(rewards, torch.arange(a.clips, device=device).repeat_interleave(a.group))
+        sync()
+        t2 = time.time()
+        ref_logp = grpo.score_samples(ref, s, 1.0, a.micro_batch)
+        sync()
+        t3 = time.time()
+        ro = grpo.Rollout(input_ids=s.input_ids, attention=s.attention, media=s.media, prompt_len=s.prompt_len,
+                          loss_mask=grpo.loss_mask_of(s.input_ids[:, s.prompt_len:], model.tokenizer.eos_token_id),
+                          adv=adv, ref_logp=ref_logp, old_logp=None)
+        n_seqs, n_tokens = grpo.step_normalisers(ro, device)
+        grpo.accumulate_gradients(model, model, ro, n_seqs, n_tokens, 1,
+                                  **{k: getattr(args, k) for k in grpo.LOSS_SETTINGS})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        t_upd, total = time.time() - t1, time.time() - t0
-        gen_tokens = float(info["mask"].sum())
-        rows.append({"encode": t_enc, **info["time"], "update": t_upd, "total": total,
-                     "samples_per_s": a.clips * a.group / total,
-                     "gen_tokens_per_s": gen_tokens / info["time"]["generate"]})
+        t_upd, total = time.time() - t3, time.time() - t0
+        gen_tokens = float(s.attention[:, s.prompt_len:].sum())
+        rows.append({"encode": t_enc, "generate": s.seconds, "reward": t2 - t1, "reference": t3 - t2,
+                     "update": t_upd, "total": total, "samples_per_s": a.clips * a.group / total,
+                     "gen_tokens_per_s": gen_tokens / s.seconds})
         print(f"step {step}: " + "  ".join(f"{k} {v:.3g}" for k, v in rows[-1].items()))
     keep = rows[1:] or rows  # the first step includes warm-up
     mean = {k: sum(r[k] for r in keep) / len(keep) for k in keep[0]}

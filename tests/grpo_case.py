@@ -6,7 +6,6 @@ by the 1-rank vs 2-rank gradient test:
 
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -19,13 +18,15 @@ CORPUS = ["Please recognize all possible emotional states.", "happy sad angry wo
           "<think>low voice</think><answer>sad, tired</answer>"] * 4
 
 
-def make_case(aggregation="grpo", n=8, prompt=6, length=5, seed=0):
+def make_case(aggregation="grpo", truncated="keep", n=8, prompt=6, length=5, seed=0):
     """A tiny policy, its frozen reference (after one perturbation of the policy, so the KL is not zero), and
-    a rollout of n completions with ragged masks, left-padded prompts and truncated rows."""
+    a rollout of n completions with ragged masks, left-padded prompts and two truncated rows. The settings are
+    chosen so that a swapped or ignored setting shows: eps_low != eps_high, old log-probs away from the policy's
+    (as after an update with mu > 1: tokens clip on both sides), max_new_tokens wider than the batch."""
     tok = M.prepare_tokenizer(M.build_tokenizer(CORPUS, vocab_size=300, seed=0))
     model = M.build_model(M.ModelConfig.from_preset("tiny", seed=seed, n_tokens=1), device="cpu",
                           tokenizer=tok).eval()
-    ref = grpo.frozen_copy(model)
+    ref = M.frozen_copy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the policy has moved away from the reference a little
         for p in model.parameters():
@@ -47,47 +48,47 @@ def make_case(aggregation="grpo", n=8, prompt=6, length=5, seed=0):
         if i % 4 != 3:
             completion[i, i % length] = eos
             completion[i, i % length + 1:] = tok.pad_token_id
-    mask = M.completion_mask(completion, eos)
-    att[:, prompt:] = mask
+    att[:, prompt:] = M.completion_mask(completion, eos)
     arch = M.PRESETS["tiny"]["arch"]
     media = {"video": torch.randn(n, 8, arch["vision"]["projection_dim"], generator=g),
              "audio": torch.randn(n, 2, arch["audio"]["hidden_size"], generator=g)}
     adv = torch.randn(n, generator=g)
-    args = SimpleNamespace(micro_batch=n, temperature=0.8, eps_low=0.2, eps_high=0.2, kl="k3", beta=0.1,
-                           aggregation=aggregation, max_new_tokens=length, mu=1)
-    ro = grpo.Rollout(ids, att, grpo.loss_mask_of(completion, eos), media, adv, None, None, prompt)
+    settings = dict(temperature=0.8, eps_low=0.1, eps_high=0.3, beta=0.1, kl="k3", aggregation=aggregation,
+                    max_new_tokens=length + 3, micro_batch=n)
     with torch.no_grad():
-        rows = torch.arange(n)
-        ro.ref_logp = grpo.completion_logprobs(ref, ro, rows, args.temperature)
-        ro.old_logp = grpo.completion_logprobs(model, ro, rows, args.temperature) + 0.05 * torch.randn(
-            n, length, generator=g)  # as if mu > 1: ratios differ from 1, clipping can act
-    return model, ref, ro, args
+        ref_logp = grpo.completion_logprobs(ref, ids, att, media, prompt, settings["temperature"])
+        policy_logp = grpo.completion_logprobs(model, ids, att, media, prompt, settings["temperature"])
+    loss_mask = grpo.loss_mask_of(completion, eos, truncated)
+    noise = 0.3 * torch.randn(n, length, generator=g) * att[:, prompt:]  # old log-probs are 0 past the EOS too
+    ro = grpo.Rollout(input_ids=ids, attention=att, media=media, prompt_len=prompt, loss_mask=loss_mask, adv=adv,
+                      ref_logp=ref_logp, old_logp=policy_logp + noise)
+    return model, ref, ro, settings
 
 
 def sub_rollout(ro, rows):
-    return grpo.Rollout(ro.input_ids[rows], ro.attention[rows], ro.loss_mask[rows],
-                        {k: v[rows] for k, v in ro.media.items()}, ro.adv[rows],
-                        None if ro.old_logp is None else ro.old_logp[rows], ro.ref_logp[rows], ro.prompt_len)
+    return grpo.Rollout(input_ids=ro.input_ids[rows], attention=ro.attention[rows],
+                        media={k: v[rows] for k, v in ro.media.items()}, prompt_len=ro.prompt_len,
+                        loss_mask=ro.loss_mask[rows], adv=ro.adv[rows], ref_logp=ro.ref_logp[rows],
+                        old_logp=None if ro.old_logp is None else ro.old_logp[rows])
 
 
-def gradients(model, ro, args, world=1, net=None):
-    """Gradients of one step's loss (the normalisers count the whole step over all ranks)."""
-    n_seqs, n_tokens = common.all_reduce_sum([float((ro.loss_mask.sum(1) > 0).sum()), float(ro.loss_mask.sum())],
-                                             torch.device("cpu"))
+def gradients(model, ro, settings, world=1, net=None):
+    """Gradients of one step's loss (the normalisers count the whole step over all ranks) and the pass's stats."""
+    n_seqs, n_tokens = grpo.step_normalisers(ro, torch.device("cpu"))
     model.zero_grad(set_to_none=True)
-    grpo.accumulate_gradients(net or model, model, ro, args, n_seqs, n_tokens, world)
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = grpo.accumulate_gradients(net or model, model, ro, n_seqs, n_tokens, world, **settings)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, stats
 
 
 if __name__ == "__main__":
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel as DDP
     d = common.setup_dist("cpu")
-    model, ref, ro, args = make_case(sys.argv[2])
+    model, ref, ro, settings = make_case(sys.argv[2])
     n = ro.input_ids.shape[0]
     mine = sub_rollout(ro, torch.arange(n)[d.rank * n // d.world:(d.rank + 1) * n // d.world])
-    args.micro_batch = 3  # also a different micro-batch split than the 1-rank reference
-    grads = gradients(model, mine, args, d.world, DDP(model))
+    settings["micro_batch"] = 3  # also a different micro-batch split than the 1-rank reference
+    grads, _ = gradients(model, mine, settings, d.world, DDP(model))
     if d.main:
         save_file({k: v.contiguous() for k, v in grads.items()}, sys.argv[1])
     common.cleanup_dist()

@@ -1,5 +1,6 @@
-"""GRPO against the classic bugs (../shared/docs/grpo.md): advantages, aggregation, gradient invariance over
-micro-batches and ranks, KL estimators, masks, padding, temperature, the reference, learning, resume."""
+"""GRPO against the classic bugs (docs/grpo.md): advantages, the update against its formulas, aggregation,
+gradient invariance over micro-batches and ranks, KL estimators, masks, positions, temperature, the reference,
+learning, several passes, resume. Each test names the bug it catches by what it asserts."""
 
 import json
 import math
@@ -14,7 +15,6 @@ from safetensors.torch import load_file
 import data
 import grpo
 import model as M
-import reward
 from conftest import ROOT, run_script
 from grpo_case import gradients, make_case, sub_rollout
 
@@ -64,34 +64,86 @@ def test_aggregation_by_hand(kind, want):
 def test_surrogate_clips_by_hand():
     logp = torch.log(torch.tensor([[1.5, 0.7, 1.0]]))
     old = torch.zeros(1, 3)
-    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([1.0]), 0.2, 0.2)
-    assert loss[0].tolist() == pytest.approx([-1.2, -0.7, -1.0])  # rho 1.5 clipped to 1.2 for A > 0
+    # eps_low 0.2, eps_high 0.4: a swap of the two bounds changes every clipped value below
+    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([1.0]), 0.2, 0.4)
+    assert loss[0].tolist() == pytest.approx([-1.4, -0.7, -1.0])  # rho 1.5 clipped to 1 + 0.4 for A > 0
     assert clipped.tolist() == [[1.0, 0.0, 0.0]]
-    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([-1.0]), 0.2, 0.2)
-    assert loss[0].tolist() == pytest.approx([1.5, 0.8, 1.0])  # A < 0: rho 0.7 clipped to 0.8
+    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([-1.0]), 0.2, 0.4)
+    assert loss[0].tolist() == pytest.approx([1.5, 0.8, 1.0])  # A < 0: rho 0.7 clipped to 1 - 0.2
     assert clipped.tolist() == [[0.0, 1.0, 0.0]]
+
+
+def formula_loss(model, ro, s):
+    """The step loss written out from the docstring's formulas, token by token in float64, with log-probs from
+    the full logits (not the scoring path of grpo.py): an independent reference for accumulate_gradients."""
+    P, (N, L) = ro.prompt_len, ro.loss_mask.shape
+    logp_all = torch.log_softmax(model(ro.input_ids, ro.attention, ro.media).double() / s["temperature"], -1)
+    rows = []
+    for i in range(N):
+        terms = []
+        for t in range(L):
+            if ro.loss_mask[i, t]:
+                l = logp_all[i, P + t - 1, ro.input_ids[i, P + t]]  # noqa: E741 (the docstring's l)
+                rho, a = torch.exp(l - ro.old_logp[i, t].double()), ro.adv[i].double()
+                pg = -torch.min(rho * a, rho.clamp(1 - s["eps_low"], 1 + s["eps_high"]) * a)
+                log_r = ro.ref_logp[i, t].double() - l
+                terms.append(pg + s["beta"] * (log_r.exp() - 1 - log_r))
+        rows.append(torch.stack(terms) if terms else torch.zeros(0, dtype=torch.float64))
+    if s["aggregation"] == "grpo":  # every completion counts in the mean, also one without loss tokens
+        return sum(r.mean() if len(r) else 0.0 for r in rows) / N
+    if s["aggregation"] == "token-mean":
+        return sum(r.sum() for r in rows) / sum(len(r) for r in rows)
+    return sum(r.sum() for r in rows) / (N * s["max_new_tokens"])  # dr_grpo: max_new_tokens, not the width
+
+
+@pytest.mark.parametrize("aggregation, truncated", [("grpo", "keep"), ("token-mean", "keep"), ("dr_grpo", "keep"),
+                                                    ("grpo", "drop"), ("dr_grpo", "drop")])
+def test_update_gradients_equal_the_formulas(aggregation, truncated):
+    model, _, ro, s = make_case(aggregation, truncated)
+    assert ro.input_ids.shape[1] - ro.prompt_len < s["max_new_tokens"]  # dr_grpo's L is not the batch's width
+    got, stats = gradients(model, ro, s)
+    model.zero_grad(set_to_none=True)
+    formula_loss(model, ro, s).backward()
+    want = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    scale = max(v.abs().max().item() for v in want.values())
+    worst = max((got[k] - want[k]).abs().max().item() for k in want)
+    assert scale > 1e-4 and worst < 1e-4 * scale, (worst, scale)
+    assert stats.clipped >= 2  # the clipped branch is exercised (see test_micro_batch_split... for both sides)
+
+
+def assert_clips_both_sides(model, ro, s):
+    """The case must clip: some A < 0 tokens below 1 - eps_low, some A > 0 tokens above 1 + eps_high."""
+    with torch.no_grad():
+        logp = grpo.completion_logprobs(model, ro.input_ids, ro.attention, ro.media, ro.prompt_len,
+                                        s["temperature"])
+    rho, m, a = (logp - ro.old_logp).exp(), ro.loss_mask.bool(), ro.adv[:, None]
+    below, above = (m & (a < 0) & (rho < 1 - s["eps_low"])).sum(), (m & (a > 0) & (rho > 1 + s["eps_high"])).sum()
+    assert below > 0 and above > 0, (below, above)
+    return int(below + above)
 
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 def test_micro_batch_split_does_not_change_gradients(aggregation):
-    model, _, ro, args = make_case(aggregation)
-    whole = gradients(model, ro, args)
-    args.micro_batch = 3
-    split = gradients(model, ro, args)
+    model, _, ro, s = make_case(aggregation)
+    n_clipped = assert_clips_both_sides(model, ro, s)
+    whole, whole_stats = gradients(model, ro, s)
+    split, split_stats = gradients(model, ro, {**s, "micro_batch": 3})
     assert all(torch.allclose(whole[k], split[k], atol=1e-6) for k in whole)
+    assert whole_stats.clipped == split_stats.clipped == n_clipped
     assert max(v.abs().max() for v in whole.values()) > 1e-4  # the loss does depend on the parameters
     # and the same as two halves computed separately with the step's normalisers, summed
-    n_seqs, n_tokens = float((ro.loss_mask.sum(1) > 0).sum()), float(ro.loss_mask.sum())
+    n_seqs, n_tokens = grpo.step_normalisers(ro, torch.device("cpu"))
     model.zero_grad()
     for rows in (torch.arange(0, 4), torch.arange(4, 8)):
-        grpo.accumulate_gradients(model, model, sub_rollout(ro, rows), args, n_seqs, n_tokens, 1)
+        grpo.accumulate_gradients(model, model, sub_rollout(ro, rows), n_seqs, n_tokens, 1, **s)
     assert all(torch.allclose(whole[k], p.grad, atol=1e-6) for k, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("aggregation", ["grpo", "token-mean", "dr_grpo"])
 def test_two_ranks_give_the_same_gradients(tmp_path, aggregation):
-    model, _, ro, args = make_case(aggregation)
-    one = gradients(model, ro, args)
+    model, _, ro, s = make_case(aggregation)
+    assert_clips_both_sides(model, ro, s)  # the worker runs this very case
+    one, _ = gradients(model, ro, s)
     out = tmp_path / "grads.safetensors"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "tests" / "grpo_case.py"), str(out), aggregation],
@@ -161,6 +213,19 @@ def test_k3_value_with_k2_gradient_reports_k3():
         grpo.kl_penalty(logp, ref, "k1")
 
 
+def test_kl_gradient_survives_extreme_log_ratios():
+    # l = -1, l_ref = -22 and l = -31, l_ref = -1: the most divergent tokens must still be pulled back
+    logp = torch.tensor([-1.0, -31.0], requires_grad=True)
+    ref = torch.tensor([-22.0, -1.0])
+    (k2,) = torch.autograd.grad(grpo.kl_penalty(logp, ref, "k2")[0].sum(), logp)
+    assert k2.tolist() == pytest.approx([21.0, -30.0])  # d/dl (l - l_ref)^2 / 2, no clamp
+    (k3,) = torch.autograd.grad(grpo.kl_penalty(logp, ref, "k3")[0].sum(), logp)
+    assert k3[0].item() == pytest.approx(1 - math.exp(-21))  # d/dl (r - 1 - log r) = 1 - r
+    # r = e^30 overflows nothing: exp's argument is capped at 20, and the gradient still points back to ref
+    assert torch.isfinite(k3[1]) and k3[1].item() == pytest.approx(1 - math.exp(20), rel=1e-5)
+    assert torch.isfinite(grpo.kl_penalty(logp, ref, "k3")[0]).all()
+
+
 # ---- masks, padding, temperature ----------------------------------------------------------------------------
 
 def test_loss_mask_keeps_eos_when_pad_equals_eos_and_follows_the_truncation_flag():
@@ -170,10 +235,14 @@ def test_loss_mask_keeps_eos_when_pad_equals_eos_and_follows_the_truncation_flag
     assert grpo.loss_mask_of(tokens, eos, "drop").tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0] * 5]
 
 
-def test_eos_token_is_scored_and_padding_is_not():
-    model, _, ro, args = make_case()
+def logprobs(net, ro, temperature):
     with torch.no_grad():
-        logp = grpo.completion_logprobs(model, ro, torch.arange(8), args.temperature)
+        return grpo.completion_logprobs(net, ro.input_ids, ro.attention, ro.media, ro.prompt_len, temperature)
+
+
+def test_eos_token_is_scored_and_padding_is_not():
+    model, _, ro, s = make_case()
+    logp = logprobs(model, ro, s["temperature"])
     assert (logp[ro.loss_mask == 0] == 0).all()
     assert (logp[ro.loss_mask == 1] < 0).all()  # including each row's EOS
     eos_rows = (ro.input_ids[:, ro.prompt_len:] == model.tokenizer.eos_token_id).any(1)
@@ -181,16 +250,44 @@ def test_eos_token_is_scored_and_padding_is_not():
 
 
 def test_padded_and_unpadded_logprobs_are_equal():
-    model, _, ro, args = make_case()
+    model, _, ro, s = make_case()
+    batch = logprobs(model, ro, s["temperature"])
+    for i in (1, 2, 4):  # rows with 1 or 2 padding tokens, scored alone without the padding
+        pad = int((ro.attention[i, :ro.prompt_len] == 0).sum())
+        single = grpo.completion_logprobs(model, ro.input_ids[i:i + 1, pad:], ro.attention[i:i + 1, pad:],
+                                          {k: v[i:i + 1] for k, v in ro.media.items()}, ro.prompt_len - pad,
+                                          s["temperature"])
+        assert pad > 0 and torch.allclose(batch[i], single[0], atol=1e-5)
+
+
+def with_hole(ids, att, at, width, pad_id):
+    """Insert `width` masked pad tokens at column `at`: a shift of every later position that RoPE does see
+    (left padding shifts a whole row, which relative positions hide)."""
+    n = ids.shape[0]
+    return (torch.cat([ids[:, :at], torch.full((n, width), pad_id), ids[:, at:]], 1),
+            torch.cat([att[:, :at], torch.zeros(n, width, dtype=att.dtype), att[:, at:]], 1))
+
+
+def test_scoring_positions_follow_the_attention_mask():
+    model, _, ro, s = make_case()
+    rows = torch.tensor([0, 3, 6])  # no left padding
+    ids, att = with_hole(ro.input_ids[rows], ro.attention[rows], 4, 3, model.tokenizer.pad_token_id)
+    media = {k: v[rows] for k, v in ro.media.items()}
     with torch.no_grad():
-        batch = grpo.completion_logprobs(model, ro, torch.arange(8), args.temperature)
-        for i in (1, 2, 4):  # rows with 1 or 2 padding tokens, scored alone without the padding
-            pad = int((ro.attention[i, :ro.prompt_len] == 0).sum())
-            alone = grpo.Rollout(ro.input_ids[i:i + 1, pad:], ro.attention[i:i + 1, pad:], ro.loss_mask[i:i + 1],
-                                 {k: v[i:i + 1] for k, v in ro.media.items()}, ro.adv[i:i + 1], None, None,
-                                 ro.prompt_len - pad)
-            single = grpo.completion_logprobs(model, alone, torch.arange(1), args.temperature)
-            assert pad > 0 and torch.allclose(batch[i], single[0], atol=1e-5)
+        holed = grpo.completion_logprobs(model, ids, att, media, ro.prompt_len + 3, s["temperature"])
+    assert torch.allclose(holed, logprobs(model, ro, s["temperature"])[rows], atol=1e-5)
+
+
+def test_generation_positions_follow_the_attention_mask():
+    model, _, ro, _ = make_case()
+    rows, P = torch.tensor([0, 3, 6]), ro.prompt_len
+    ids, att = ro.input_ids[rows, :P], ro.attention[rows, :P]
+    media = {k: v[rows] for k, v in ro.media.items()}
+    holed_ids, holed_att = with_hole(ids, att, 4, 3, model.tokenizer.pad_token_id)
+    plain = model.generate(ids, att, media, 6, greedy=True, return_stats=True)
+    holed = model.generate(holed_ids, holed_att, media, 6, greedy=True, return_stats=True)
+    assert torch.equal(plain[0], holed[0]) and torch.allclose(plain[1], holed[1], atol=1e-5)
+    assert plain[0].shape[1] == 6  # several decoding steps with the cache, not just the prompt pass
 
 
 @pytest.fixture(scope="module")
@@ -203,42 +300,62 @@ def sft_ckpt(synth_data, tmp_path_factory):
     return out
 
 
-def rollout_args(**kw):
-    args = grpo.Args(group_size=4, clips_per_step=4, max_new_tokens=24, micro_batch=8)
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
-
-
 def test_scoring_at_temperature_reproduces_the_sampler(sft_ckpt, synth_data):
     model = M.load_model(str(sft_ckpt / "final"), device="cpu")
     clips = data.read_split(str(synth_data), "train")[:4]
     ds = data.ClipDataset(str(synth_data), clips, 8, model.image_size, 2, 1.0)
     feats = data.encode_clips(ds, model.encode_media, progress=False)
     for T in (0.7, 1.3):
-        args = rollout_args(temperature=T)
-        ro, info = grpo.rollout(model, grpo.frozen_copy(model), clips, feats, args, reward.load_lexicon(),
-                                torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            scored = grpo.completion_logprobs(model, ro, torch.arange(16), T)
-        m = info["mask"].bool()
+        s = grpo.rollout(model, clips, feats, 4, True, 24, T, torch.Generator().manual_seed(0))
+        scored = grpo.score_samples(model, s, T, micro_batch=8)
+        m = s.attention[:, s.prompt_len:].bool()
         assert m.sum() > 20
-        assert torch.allclose(scored[m], info["sample_logp"][m], atol=1e-4)
-        assert torch.allclose(ro.ref_logp[m], scored[m], atol=1e-5)  # reference == policy at step 0: KL = 0
-        wrong_t = grpo.completion_logprobs(model, ro, torch.arange(16), 1.0)
-        assert not torch.allclose(wrong_t[m], info["sample_logp"][m], atol=1e-2)
+        assert torch.allclose(scored[m], s.sample_logp[m], atol=1e-4)
+        ref_logp = grpo.score_samples(M.frozen_copy(model), s, T, micro_batch=5)
+        assert torch.allclose(ref_logp[m], scored[m], atol=1e-5)  # reference == policy at step 0: KL = 0
+        wrong_t = grpo.score_samples(model, s, 1.0, micro_batch=8)
+        assert not torch.allclose(wrong_t[m], s.sample_logp[m], atol=1e-2)
         # the logged entropy is the true entropy of the sampling distribution (first completion token)
         with torch.no_grad():
-            logits = model(ro.input_ids[:, :ro.prompt_len], ro.attention[:, :ro.prompt_len], ro.media)[:, -1] / T
+            logits = model(s.input_ids[:, :s.prompt_len], s.attention[:, :s.prompt_len], s.media)[:, -1] / T
         p = torch.softmax(logits, -1)
         entropy = -(p * torch.log_softmax(logits, -1)).nan_to_num(0.0).sum(-1)
-        assert torch.allclose(info["entropy"][:, 0], entropy, atol=1e-4)
+        assert torch.allclose(s.entropy[:, 0], entropy, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_sampler_draws_follow_the_temperature(T):
+    """The drawn tokens, not only their reported log-probs: the mean logit z of the first drawn token over
+    4000 draws must match E[z] under softmax(z / T) and be far from E[z] under softmax(z)."""
+    model, _, ro, _ = make_case()
+    ids, att = ro.input_ids[:1, :ro.prompt_len], ro.attention[:1, :ro.prompt_len]
+    media = {k: v[:1] for k, v in ro.media.items()}
+    with torch.no_grad():
+        z = model(ids, att, media)[0, -1]
+        # spread the logits to a standard deviation of 2 (a random head is nearly uniform), so that T matters
+        model.llm.get_output_embeddings().weight.mul_(2.0 / z[torch.isfinite(z)].std())
+        z = model(ids, att, media)[0, -1].double()  # (V,), -inf on the banned placeholders
+        n = 4000
+        draws = model.generate(ids.expand(n, -1), att.expand(n, -1), {k: v.expand(n, -1, -1) for k, v in
+                                                                        media.items()}, 1, temperature=T,
+                               generator=torch.Generator().manual_seed(0))[:, 0]
+    finite = torch.isfinite(z)
+
+    def moments(temp):
+        p = torch.softmax(z / temp, -1)
+        mean = (p[finite] * z[finite]).sum()
+        return mean, ((p[finite] * (z[finite] - mean) ** 2).sum() / n).sqrt()  # and the standard error
+
+    want, se = moments(T)
+    got = z[draws].mean()
+    assert abs(got - want) < 4 * se, (got, want, se)
+    assert abs(moments(1.0)[0] - want) > 8 * se  # T = 1 would be caught: the test separates T from 1
 
 
 # ---- the reference ----------------------------------------------------------------------------------------
 
 def test_reference_is_the_initial_policy_and_shares_frozen_weights():
-    model, ref, ro, args = make_case()
+    model, ref, ro, s = make_case()
     frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     for n, p in ref.named_parameters():
         if n in frozen:
@@ -247,17 +364,16 @@ def test_reference_is_the_initial_policy_and_shares_frozen_weights():
             assert p.data_ptr() != dict(model.named_parameters())[n].data_ptr() and not p.requires_grad
     before = ro.ref_logp.clone()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    gradients(model, ro, args)
+    gradients(model, ro, s)
     opt.step()
-    with torch.no_grad():
-        assert torch.equal(grpo.completion_logprobs(ref, ro, torch.arange(8), args.temperature), before)
+    assert torch.equal(logprobs(ref, ro, s["temperature"]), before)
 
 
 def test_lora_reference_equals_adapters_disabled_at_fresh_adapters():
     tok = M.prepare_tokenizer(M.build_tokenizer(["happy sad calm"] * 5, vocab_size=280))
     model = M.build_model(M.ModelConfig.from_preset("tiny", train_llm="lora", n_tokens=1), device="cpu",
                           tokenizer=tok).eval()
-    ref = grpo.frozen_copy(model)
+    ref = M.frozen_copy(model)
     ids = tok(["happy sad calm calm"], return_tensors="pt")
     with torch.no_grad():
         for m in model.llm.modules():  # train the adapters a little
@@ -337,13 +453,43 @@ def test_two_process_smoke_run(sft_ckpt, synth_data, tmp_path):
     assert "reward" in r.stdout + r.stderr  # sample completions with their breakdown were printed
 
 
+def test_several_passes_clip_against_the_old_policy(sft_ckpt, synth_data, tmp_path):
+    """mu = 2 end to end: the second pass of each step moves rho away from 1 (a large lr), so tokens clip, which
+    needs l_old from before the first update; the warm-up counts optimiser steps, two per GRPO step."""
+    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "mu2", 2), "--mu", 2, "--lr", 0.01, "--warmup_steps", 8)
+    steps = [m for m in map(json.loads, open(tmp_path / "mu2" / "metrics.jsonl")) if "reward/total" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+        assert 0 < m["train/clip_fraction"] <= 0.5  # pass 1 has rho = 1 exactly: at most half the passes clip
+    # LambdaLR's factor after k optimiser steps is (k + 1) / warmup: 2 steps -> 3/8, 4 steps -> 5/8
+    assert [m["train/lr"] for m in steps] == pytest.approx([0.01 * 3 / 8, 0.01 * 5 / 8])
+
+
+def test_metrics_average_over_the_passes():
+    model, _, ro, _ = make_case()
+    N, P = ro.input_ids.shape[0], ro.prompt_len
+    s = grpo.Samples(input_ids=ro.input_ids, attention=ro.attention, media=ro.media, prompt_len=P,
+                     sample_logp=ro.ref_logp, entropy=torch.ones(N, ro.loss_mask.shape[1]),
+                     truncated=torch.zeros(N, dtype=torch.bool), texts=[""] * N, seconds=1.0)
+    scores = [{"total": 1.0, "n_pred": 2, **{k: 0.5 for k in grpo.REWARD_PARTS}}] * N
+    passes = [grpo.PassStats(loss=1.0, pg_loss=0.5, kl_loss=2.0, clipped=0.0, grad_norm=1.0),
+              grpo.PassStats(loss=3.0, pg_loss=1.5, kl_loss=4.0, clipped=6.0, grad_norm=3.0)]
+    m = grpo.step_metrics(s, ro, scores, 0.0, passes, torch.device("cpu"))
+    assert (m["train/loss"], m["train/pg_loss"], m["train/kl_loss"], m["train/grad_norm"]) == (2.0, 1.0, 3.0, 2.0)
+    assert m["train/clip_fraction"] == pytest.approx(6.0 / (2 * ro.loss_mask.sum().item()))
+    assert m["train/kl"] == 0.0 and m["rollout/entropy"] == 1.0 and m["reward/total_std"] == 0.0
+
+
 def test_missing_sft_checkpoint_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match=r"run `python sft.py` first"):
         grpo.main(grpo.Args(init=str(tmp_path / "nothing"), out=str(tmp_path / "o")))
 
 
 @pytest.mark.parametrize("flag, value, message", [("kl", "k1", "--kl 'k1'"), ("group_size", 1, "at least 2"),
-                                                  ("aggregation", "sum", "--aggregation 'sum'")])
+                                                  ("aggregation", "sum", "--aggregation 'sum'"),
+                                                  ("top_p", 0.9, "GRPO samples without a cut"),
+                                                  ("top_k", 50, "GRPO samples without a cut")])
 def test_bad_arguments(flag, value, message):
     with pytest.raises(SystemExit, match=message):
         grpo.check_args(grpo.Args(**{flag: value}))
