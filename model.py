@@ -28,9 +28,15 @@ clips are normalised to zero mean and unit variance before the encoder whatever 
 extractor does; frames are resized (shorter side) and centre-cropped by us, then normalised with the
 encoder family's mean and std.
 
-A checkpoint directory holds `config.json` (the ModelConfig, naming encoders and LLM), `trainable.safetensors`
-(projector and LoRA, or projector and the whole LM), `tokenizer/`, and for random-init bases
-`base.safetensors` (the frozen weights, which no hub can give back). No pickle.
+Weights: each component (llm, vision, audio) loads from its HF name or local HF-format folder whatever the
+preset; it is random-init from the preset's arch only when it has no name, or with random_init=True (all
+components). A CLIP tower uses its projection's image_embeds when its weights have a projection, else (a plain
+CLIPVisionModel) its pooler_output. Frozen weights are bf16 on GPU (AFFECTRL_BF16=1: on CPU too).
+
+A checkpoint directory holds `config.json` (the ModelConfig: names or folders, and `components`, what was
+built: weights, random_init, class and sizes per component), `trainable.safetensors` (projector and LoRA, or
+projector and the whole LM), `tokenizer/`, and for random-init components (or an LLM trained before fresh
+adapters) `base.safetensors` (the frozen weights, which no hub or folder can give back). No pickle.
 """
 
 import contextlib
@@ -83,7 +89,7 @@ _TINY = {
 }
 
 PRESETS = {
-    "tiny": dict(llm=None, vision=None, audio=None, arch=_TINY, random_init=True, train_llm="full",
+    "tiny": dict(llm=None, vision=None, audio=None, arch=_TINY, train_llm="full",
                  n_frames=8, audio_clips=2, clip_seconds=1.0, fusion_width=64, tokenizer_vocab=1024, n_tokens=4),
     "qwen0.5b": dict(llm="Qwen/Qwen2.5-0.5B-Instruct", vision="google/siglip-base-patch16-224",
                      audio="facebook/hubert-base-ls960",
@@ -98,11 +104,11 @@ PRESETS = {
 class ModelConfig:
     """Everything `build_model` needs; saved as config.json in every checkpoint."""
     preset: str = "tiny"
-    llm: str | None = None        # HF name or local path of a causal LM (None: random init from arch)
+    llm: str | None = None        # HF name or local folder of a causal LM (None: random init from arch)
     vision: str | None = None     # CLIP / SigLIP vision tower
     audio: str | None = None      # HuBERT / Wav2Vec2 / WavLM / Whisper encoder
-    arch: dict = field(default_factory=dict)  # HF config kwargs per component, used when random_init
-    random_init: bool = False     # build from arch with random weights (no hub)
+    arch: dict = field(default_factory=dict)  # HF config kwargs per random-init component
+    random_init: bool = False     # every component from arch with random weights, names kept as labels (no hub)
     train_llm: str = "lora"       # "lora" or "full"
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -117,6 +123,13 @@ class ModelConfig:
     fusion_width: int = 256
     tokenizer_vocab: int = 1024   # size of the on-the-fly tokenizer (random-init LLM without a name only)
     seed: int = 0
+    # what build_model built, per component (written by it, checked on load): weights (name or folder, None when
+    # random), random_init, class, the vision features used, and the architecture's sizes
+    components: dict = field(default_factory=dict)
+
+    def is_random(self, part: str) -> bool:
+        """Whether component `part` ("llm", "vision", "audio") gets random weights from arch[part]."""
+        return self.random_init or getattr(self, part) is None
 
     @staticmethod
     def from_preset(name: str, **overrides) -> "ModelConfig":
@@ -129,6 +142,14 @@ class ModelConfig:
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (frozen weights stored in it, bf16 autocast around every pass); float32 on CPU, unless the
+    environment sets AFFECTRL_BF16=1: then the CPU takes the GPU's dtype path (for tests and debugging)."""
+    if torch.device(device).type == "cuda" or os.environ.get("AFFECTRL_BF16", "0") == "1":
+        return torch.bfloat16
+    return torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,11 +266,16 @@ class Projector(nn.Module):
 
 
 class AffectGPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm, vision, audio, tokenizer, vision_family: str):
+    def __init__(self, cfg: ModelConfig, llm, vision, audio, tokenizer, vision_family: str,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.llm, self.vision, self.audio = llm, vision, audio
         self.vision_family = vision_family
+        self.autocast_dtype = autocast_dtype  # None: float32 throughout
+        # a CLIP tower with its projection gives image_embeds; a plain CLIPVisionModel (no projection in its
+        # weights) gives pooler_output (its layer-normed class token), SigLIP too (its attention-pooling head)
+        self.vision_output = "image_embeds" if hasattr(vision, "visual_projection") else "pooler_output"
         self.vision.requires_grad_(False).eval()
         self.audio.requires_grad_(False).eval()
         d_llm = llm.get_input_embeddings().weight.shape[1]
@@ -263,7 +289,7 @@ class AffectGPT(nn.Module):
 
     def _vision_dim(self):
         c = self.vision.config
-        return getattr(c, "projection_dim", None) if self.vision_family == "clip" else c.hidden_size
+        return c.projection_dim if self.vision_output == "image_embeds" else c.hidden_size
 
     @property
     def device(self):
@@ -276,9 +302,9 @@ class AffectGPT(nn.Module):
         return self
 
     def autocast(self):
-        """bf16 autocast on GPU (trainable weights are float32), nothing on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on GPU (trainable weights are float32), nothing on CPU unless AFFECTRL_BF16=1."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     # -- media ---------------------------------------------------------------------------------------------
@@ -292,7 +318,7 @@ class AffectGPT(nn.Module):
         pixels = frames.to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
         pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
         out = self.vision(pixel_values=pixels)
-        video = out.image_embeds if self.vision_family == "clip" else out.pooler_output  # (B*N, Dv)
+        video = getattr(out, self.vision_output)  # (B*N, Dv)
         C = audio.shape[1]
         wave = audio.to(self.device).flatten(0, 1).float()  # (B*C, S)
         if getattr(self.audio.config, "model_type", "") == "whisper":
@@ -499,17 +525,60 @@ def _vision_family(model_type: str) -> str:
     raise ValueError(f"vision encoder of type {model_type!r}: only CLIP and SigLIP vision towers are supported")
 
 
+AUDIO_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper")
+
+
+def check_weights(part: str, source: str) -> str | None:
+    """Why `source` (an HF name or a local folder) cannot serve as component `part`, or None if it can. Reads
+    only the config (local folders, or the hub cache)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source):
+        if not os.path.isdir(source):
+            return f"{source}: no such folder"
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            return f"{source}: not a Hugging Face model folder (no config.json)"
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except Exception as e:  # not found offline, unreadable config, unknown model type
+        return f"{source}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0]})"
+    ok = {"llm": model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+          "vision": model_type.startswith(("clip", "siglip")), "audio": model_type in AUDIO_TYPES}[part]
+    if not ok:
+        wanted = {"llm": "a causal LM", "vision": "a CLIP or SigLIP model",
+                  "audio": "one of " + ", ".join(AUDIO_TYPES)}[part]
+        return f"{source}: a {model_type!r} model, but --{part} needs {wanted}"
+    return None
+
+
 def _load_vision(name, arch, random_init, dtype):
-    from transformers import AutoConfig, CLIPVisionModelWithProjection, SiglipVisionModel
-    if random_init:
-        config = _hf_config(arch)
-    else:
-        config = AutoConfig.from_pretrained(name)
+    """A CLIP or SigLIP vision tower. CLIP keeps its projection when the weights have one (CLIPModel,
+    CLIPVisionModelWithProjection); a plain CLIPVisionModel is loaded as such, never with a random projection."""
+    from transformers import AutoConfig, CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel
+    config = _hf_config(arch) if random_init else AutoConfig.from_pretrained(name)
     family = _vision_family(config.model_type)
-    cls = CLIPVisionModelWithProjection if family == "clip" else SiglipVisionModel
     if random_init:
+        cls = CLIPVisionModelWithProjection if family == "clip" else SiglipVisionModel
         return cls._from_config(config, dtype=dtype), family
+    if family == "siglip":
+        return SiglipVisionModel.from_pretrained(name, dtype=dtype), family
+    cls = CLIPVisionModelWithProjection if _has_clip_projection(name, config) else CLIPVisionModel
     return cls.from_pretrained(name, dtype=dtype), family
+
+
+def _has_clip_projection(name, config) -> bool:
+    """Whether CLIP weights hold `visual_projection` (CLIPModel and CLIPVisionModelWithProjection do, a plain
+    CLIPVisionModel does not): from the tensor names of a local folder, else from the config's architectures."""
+    if os.path.isdir(name):
+        from safetensors import safe_open
+        files = [f for f in os.listdir(name) if f.endswith(".safetensors")]
+        if files:
+            for f in files:
+                with safe_open(os.path.join(name, f), "pt") as st:
+                    if any("visual_projection." in k for k in st.keys()):
+                        return True
+            return False
+    return (config.architectures or ["CLIPModel"])[0] != "CLIPVisionModel"
 
 
 def _load_audio(name, arch, random_init, dtype):
@@ -519,6 +588,23 @@ def _load_audio(name, arch, random_init, dtype):
     if model.config.model_type == "whisper":
         model = model.get_encoder()
     return model
+
+
+def weights_name(source: str | None) -> str | None:
+    """A local folder as an absolute path (the next stage finds it from any directory); HF names as given."""
+    return os.path.abspath(source) if source is not None and os.path.isdir(source) else source
+
+
+SIZE_KEYS = ("vocab_size", "hidden_size", "d_model", "intermediate_size", "num_hidden_layers", "encoder_layers",
+             "num_attention_heads", "num_key_value_heads", "image_size", "patch_size", "projection_dim",
+             "num_mel_bins")
+
+
+def describe_component(module: nn.Module, weights: str | None, random_init: bool) -> dict:
+    """What config.json records of a built component: where its weights came from and its architecture."""
+    c = module.config
+    return {"weights": weights, "random_init": random_init, "class": type(module).__name__,
+            "model_type": c.model_type, "sizes": {k: getattr(c, k) for k in SIZE_KEYS if hasattr(c, k)}}
 
 
 def build_tokenizer(texts, vocab_size: int, seed: int = 0):
@@ -555,21 +641,28 @@ def prepare_tokenizer(tokenizer):
 
 
 def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | None = None) -> AffectGPT:
-    """Build the model of a config: weights by name, or random init from `cfg.arch` seeded by cfg.seed (the
-    same "pretrained" base for every run); the new trainable parts (projector, adapters) are initialised from
-    init_seed (default: cfg.seed), so training seeds vary them and not the frozen encoders."""
+    """Build the model of a config: each component's weights from its name or folder, or random init from
+    `cfg.arch` seeded by cfg.seed (the same "pretrained" base for every run) when it has no name or
+    cfg.random_init; the new trainable parts (projector, adapters) are initialised from init_seed (default:
+    cfg.seed), so training seeds vary them and not the frozen encoders. The returned model's cfg records what
+    was built (`components`; local folders as absolute paths) and keeps arch only for random components."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = torch.device(device) if device is not None else default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
+    names = {part: weights_name(getattr(cfg, part)) for part in ("llm", "vision", "audio")}
+    for part, n in names.items():
+        if n is not None and os.path.isabs(n) and not os.path.isdir(n) and not cfg.random_init:
+            raise FileNotFoundError(f"{part} weights: the folder {n} does not exist (any more)")
+    cfg = dataclasses.replace(cfg, **names)
+    random = {part: cfg.is_random(part) for part in names}
     torch.manual_seed(cfg.seed)  # random-init weights are a function of the seed
-    random_init = cfg.random_init or cfg.llm is None
     if tokenizer is None:
-        if cfg.llm is not None and not random_init:
+        if not random["llm"]:
             tokenizer = AutoTokenizer.from_pretrained(cfg.llm, padding_side="left")
         else:  # no hub: a small tokenizer trained on the fly (the LLM keeps its real vocabulary size)
             tokenizer = build_tokenizer(data.tokenizer_corpus(), cfg.tokenizer_vocab, cfg.seed)
     tokenizer = prepare_tokenizer(tokenizer)
-    if random_init:
+    if random["llm"]:
         llm_arch = dict(cfg.arch["llm"])
         if cfg.llm is None:
             llm_arch["vocab_size"] = len(tokenizer)
@@ -577,10 +670,17 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | 
     else:
         llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        # NOTE: only rows of tokens the LLM never had (e.g. our placeholders, which are replaced by media
+        # embeddings on input and banned on output) get new, unsaved values here
         llm.resize_token_embeddings(len(tokenizer))
     llm.config.pad_token_id, llm.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    vision, family = _load_vision(cfg.vision, cfg.arch.get("vision"), random_init or cfg.vision is None, dtype)
-    audio = _load_audio(cfg.audio, cfg.arch.get("audio"), random_init or cfg.audio is None, dtype)
+    vision, family = _load_vision(cfg.vision, cfg.arch.get("vision"), random["vision"], dtype)
+    audio = _load_audio(cfg.audio, cfg.arch.get("audio"), random["audio"], dtype)
+    built = {"llm": llm, "vision": vision, "audio": audio}
+    components = {part: describe_component(m, getattr(cfg, part), random[part]) for part, m in built.items()}
+    components["vision"]["features"] = "image_embeds" if hasattr(vision, "visual_projection") else "pooler_output"
+    cfg = dataclasses.replace(cfg, components=components,
+                              arch={part: a for part, a in cfg.arch.items() if random.get(part, True)})
     torch.manual_seed(cfg.seed if init_seed is None else init_seed)
     if cfg.train_llm == "lora":
         llm.requires_grad_(False)
@@ -589,7 +689,8 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | 
         llm.float().requires_grad_(True)  # full training keeps float32 master weights (bf16 autocast on GPU)
     else:
         raise ValueError(f"train_llm must be 'lora' or 'full', got {cfg.train_llm!r}")
-    model = AffectGPT(cfg, llm, vision, audio, tokenizer, family)
+    model = AffectGPT(cfg, llm, vision, audio, tokenizer, family,
+                      autocast_dtype=None if dtype == torch.float32 else dtype)
     model.projector.requires_grad_(cfg.train_projector)
     return model.to(device)
 
@@ -629,14 +730,17 @@ def trainable_state_dict(model: AffectGPT, keep_vars: bool = False) -> dict:
 
 
 def _frozen_state_dict(model: AffectGPT) -> dict:
-    """Every other saved tensor (tied weights appear under each of their names)."""
+    """The frozen tensors that no named model or folder can give back: those of random-init components, and
+    the LLM's when it changed (base_in_checkpoint). Tied weights appear under each of their names."""
+    parts = _base_parts(model.cfg)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     return {n: t for n, t in model.state_dict(keep_vars=True).items()
-            if id(t) not in trainable and not n.startswith("projector.")}
+            if id(t) not in trainable and n.split(".", 1)[0] in parts}
 
 
-def _base_in_checkpoint(cfg: ModelConfig) -> bool:
-    return cfg.random_init or cfg.llm is None or cfg.base_in_checkpoint
+def _base_parts(cfg: ModelConfig) -> set:
+    parts = {part for part in ("llm", "vision", "audio") if cfg.is_random(part)}
+    return parts | {"llm"} if cfg.base_in_checkpoint else parts
 
 
 def _save_tensors(tensors: dict, path: str):
@@ -645,14 +749,14 @@ def _save_tensors(tensors: dict, path: str):
 
 
 def save_model(model: AffectGPT, path: str):
-    """Write config.json, trainable.safetensors, tokenizer/ and, for random-init bases, base.safetensors."""
+    """Write config.json, trainable.safetensors, tokenizer/ and, for random-init parts, base.safetensors."""
     os.makedirs(path, exist_ok=True)
     cfg = dataclasses.asdict(model.cfg)
     cfg["lora_targets"] = list(cfg["lora_targets"])
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     _save_tensors(trainable_state_dict(model), os.path.join(path, "trainable.safetensors"))
-    if _base_in_checkpoint(model.cfg):
+    if _base_parts(model.cfg):
         _save_tensors(_frozen_state_dict(model), os.path.join(path, "base.safetensors"))
     model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
 
@@ -685,7 +789,12 @@ def load_model(path: str, device=None) -> AffectGPT:
     cfg = ModelConfig(**raw)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
     model = build_model(cfg, device=device, tokenizer=tokenizer)
-    if _base_in_checkpoint(cfg):
+    for part, saved in cfg.components.items():  # the named weights must still be what was trained on
+        now = model.cfg.components[part]
+        if {k: saved.get(k) for k in now} != now:
+            raise ValueError(f"{cfg_file}: the {part} was trained as {saved}, but {saved.get('weights')} now "
+                             f"builds {now}")
+    if _base_parts(cfg):
         file = os.path.join(path, "base.safetensors")
         _load_into(model, load_file(file), _frozen_state_dict(model), file)
     return load_trainable(model, path)

@@ -7,6 +7,7 @@ LoRA (or the full LLM) with the loss on target tokens only.
     python sft.py                                   # tiny preset, synthetic benchmark (made under out/), CPU
     python sft.py --no-think                        # targets <answer>..</answer> only
     python sft.py --preset qwen0.5b --data DIR --out out/sft_q05 --lr 1e-4
+    python sft.py --llm LLM_DIR --vision CLIP_DIR --audio HUBERT_DIR   # downloaded HF-format weights, any preset
     torchrun --standalone --nproc_per_node=8 sft.py --preset paper --data /data/MER-Caption+ --out out/sft_paper
     python sft.py --resume                          # continue OUT exactly where it stopped
 
@@ -46,10 +47,12 @@ class Args:
     # model
     preset: str = field(default="tiny", metadata={"help": "tiny | qwen0.5b | paper"})
     init: str | None = field(default=None, metadata={"help": "start from this checkpoint instead of the preset"})
-    llm: str | None = field(default=None, metadata={"help": "override the preset's LLM (HF name or path)"})
-    vision: str | None = field(default=None, metadata={"help": "override the vision encoder"})
-    audio: str | None = field(default=None, metadata={"help": "override the audio encoder"})
-    random_init: bool = field(default=False, metadata={"help": "random weights of the preset's real shapes"})
+    llm: str | None = field(default=None, metadata={"help": "the LLM's weights: HF name or HF-format folder "
+                                                         "(any preset; default: the preset's)"})
+    vision: str | None = field(default=None, metadata={"help": "the vision tower's weights (CLIP / SigLIP)"})
+    audio: str | None = field(default=None, metadata={"help": "the audio encoder's weights (HuBERT, Whisper..)"})
+    random_init: bool = field(default=False, metadata={"help": "random weights of the preset's real shapes "
+                                                               "(not with --llm / --vision / --audio)"})
     train_llm: str | None = field(default=None, metadata={"help": "lora | full (default: the preset's)"})
     # data
     data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth)"})
@@ -110,8 +113,22 @@ def check_args(args: Args):
         problems.append("--max_steps must be >= 0 and --epochs > 0")
     if args.init is not None and not os.path.exists(args.init):
         problems.append(f"--init {args.init}: no such checkpoint")
+    given = [p for p in ("llm", "vision", "audio") if getattr(args, p) is not None]
+    if args.random_init and given:
+        problems.append(f"--random_init draws random weights, so the weights of --{' --'.join(given)} would be "
+                        f"ignored; drop one or the other")
+    elif not args.resume:  # (on resume the flags are compared with the checkpoint instead)
+        problems += [f"--{p} {why}" for p in given if (why := model_lib.check_weights(p, getattr(args, p)))]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def check_same_weights(cfg, args: Args, ckpt: str):
+    """--llm / --vision / --audio with --init or --resume must name the weights that checkpoint was built on."""
+    for part in ("llm", "vision", "audio"):
+        given = getattr(args, part)
+        if given is not None and model_lib.weights_name(given) != getattr(cfg, part):
+            raise SystemExit(f"error: --{part} {given}, but {ckpt} was built on {getattr(cfg, part)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,6 +236,7 @@ def main(args: Args):
     # ---- model ------------------------------------------------------------------------------------------
     if resume_from or args.init:
         model = model_lib.load_model(common.resolve_checkpoint(resume_from or args.init), device=d.device)
+        check_same_weights(model.cfg, args, resume_from or args.init)
     else:
         cfg = model_lib.ModelConfig.from_preset(args.preset, llm=args.llm, vision=args.vision, audio=args.audio,
                                                 train_llm=args.train_llm, seed=args.model_seed,

@@ -58,3 +58,46 @@ def run_script(script: str, *args, nproc: int = 1, timeout: int = 600) -> subpro
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> dict:
+    """Small random models saved with save_pretrained, as downloaded weights would be: a Qwen2ForCausalLM with a
+    byte-level BPE tokenizer (ChatML template, stop tokens <|im_end|> and <|endoftext|> in its generation
+    config, as Qwen2.5-Instruct), a CLIPVisionModel (no projection), a CLIPVisionModelWithProjection, a
+    SiglipVisionModel, a HubertModel and a WhisperModel. Returns kind -> folder."""
+    import torch
+    import transformers as tf
+    import data
+    import model as M
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+
+    def save(kind, module):
+        module.save_pretrained(root / kind)
+        out[kind] = root / kind
+
+    tok = M.build_tokenizer(data.tokenizer_corpus(), 400, seed=1)
+    ids = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    torch.manual_seed(1)
+    # as Qwen2.5, more embedding rows than tokens (room for our 3 placeholders): the folder's shape is kept
+    llm = tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        vocab_size=len(tok) + 45, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=ids[0],
+        bos_token_id=ids[1]))
+    llm.generation_config = tf.GenerationConfig(eos_token_id=ids, pad_token_id=ids[1], bos_token_id=ids[1])
+    save("qwen2", llm)
+    tok.save_pretrained(root / "qwen2")
+    vision = dict(hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    save("clip", tf.CLIPVisionModel(tf.CLIPVisionConfig(**vision, projection_dim=24)))
+    save("clip_proj", tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**vision, projection_dim=24)))
+    save("siglip", tf.SiglipVisionModel(tf.SiglipVisionConfig(**vision)))
+    save("hubert", tf.HubertModel(tf.HubertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, conv_dim=[32] * 7,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)))
+    save("whisper", tf.WhisperModel(tf.WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1)))
+    return out
