@@ -662,13 +662,15 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | 
         else:  # no hub: a small tokenizer trained on the fly (the LLM keeps its real vocabulary size)
             tokenizer = build_tokenizer(data.tokenizer_corpus(), cfg.tokenizer_vocab, cfg.seed)
     tokenizer = prepare_tokenizer(tokenizer)
+    # an LLM trained in full keeps float32 master weights: load it so, not rounded to bf16 and cast back
+    llm_dtype = torch.float32 if cfg.train_llm == "full" else dtype
     if random["llm"]:
         llm_arch = dict(cfg.arch["llm"])
         if cfg.llm is None:
             llm_arch["vocab_size"] = len(tokenizer)
-        llm = AutoModelForCausalLM.from_config(_hf_config(llm_arch), dtype=dtype)
+        llm = AutoModelForCausalLM.from_config(_hf_config(llm_arch), dtype=llm_dtype)
     else:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=llm_dtype)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         # NOTE: only rows of tokens the LLM never had (e.g. our placeholders, which are replaced by media
         # embeddings on input and banned on output) get new, unsaved values here

@@ -179,14 +179,18 @@ def trainable_grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
 
 
-def test_bf16_sft_and_grpo_steps_on_cpu(hf_folders, synth_data, monkeypatch):
+@pytest.mark.parametrize("train_llm", ["lora", "full"])
+def test_bf16_sft_and_grpo_steps_on_cpu(hf_folders, synth_data, monkeypatch, train_llm):
     names = [c.name for c in data.read_split(str(synth_data), "train")[:2]]
-    fp32 = build(hf_folders, lora_dropout=0.0)  # no dropout: both dtypes compute the same function
+    fp32 = build(hf_folders, lora_dropout=0.0, train_llm=train_llm)  # no dropout: one function in both dtypes
     monkeypatch.setenv("AFFECTRL_BF16", "1")
-    bf16 = build(hf_folders, lora_dropout=0.0)
+    bf16 = build(hf_folders, lora_dropout=0.0, train_llm=train_llm)
     assert bf16.autocast_dtype == torch.bfloat16 and fp32.autocast_dtype is None
     assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+    # the LLM's blocks compute in bf16 even where their weights are float32 (full training): autocast is on
+    seen = []
+    bf16.llm.model.layers[0].mlp.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     assert torch.equal(trainable_values(bf16), trainable_values(fp32))  # the same start in both dtypes
     models = {"fp32": fp32, "bf16": bf16}
     clips, feats = {}, {}
@@ -210,6 +214,7 @@ def test_bf16_sft_and_grpo_steps_on_cpu(hf_folders, synth_data, monkeypatch):
         opt.zero_grad(set_to_none=True)
     assert torch.isfinite(torch.tensor(losses["bf16"])) and torch.isfinite(grads["bf16"]).all()
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
+    assert seen and set(seen) == {torch.bfloat16}
     assert torch.cosine_similarity(grads["bf16"], grads["fp32"], 0) > 0.99
     assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}  # after the step too
 
