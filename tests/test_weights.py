@@ -1,9 +1,10 @@
 """Weights from local HF-format folders (conftest.hf_folders) with any preset, every encoder kind, clear refusals,
 the whole pipeline on them as a user runs it, and the GPU's bf16 dtype path on the CPU."""
 
-import copy
 import csv
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -218,24 +219,27 @@ def test_bf16_sft_and_grpo_steps_on_cpu(hf_folders, synth_data, monkeypatch, tra
     assert torch.cosine_similarity(grads["bf16"], grads["fp32"], 0) > 0.99
     assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}  # after the step too
 
-    # GRPO: a bf16 rollout (sampling, scoring, reference), then the update of the same samples in both dtypes
-    args = grpo.Args(group_size=3, clips_per_step=2, max_new_tokens=8, micro_batch=8)
-    ro, _ = grpo.rollout(bf16, grpo.frozen_copy(bf16), clips["bf16"], feats["bf16"], args,
-                         reward.load_lexicon("builtin"), torch.Generator().manual_seed(0))
-    ro.adv = torch.randn(len(ro.adv), generator=torch.Generator().manual_seed(0))  # random models earn no reward
-    rows = torch.arange(len(ro.adv))
-    ro32 = grpo.Rollout(ro.input_ids, ro.attention, ro.loss_mask, {k: v.repeat_interleave(3, 0) for k, v in
-                        data.stack_media(feats["fp32"], names).items()}, ro.adv, None, None, ro.prompt_len)
-    with torch.no_grad():  # the same samples scored by the float32 reference
-        ro32.ref_logp = grpo.completion_logprobs(grpo.frozen_copy(fp32), ro32, rows, args.temperature)
-    for name, r in (("bf16", ro), ("fp32", ro32)):
-        n_seqs, n_tokens = float((r.loss_mask.sum(1) > 0).sum()), float(r.loss_mask.sum())
-        stats = grpo.accumulate_gradients(models[name], models[name], r, args, n_seqs, n_tokens, 1)
+    # GRPO: a bf16 rollout (sampling, reference scoring), then the update of the same samples in both dtypes
+    args = grpo.Args(group_size=3, max_new_tokens=8, micro_batch=8)
+    samples = grpo.rollout(bf16, clips["bf16"], feats["bf16"], 3, True, 8, args.temperature,
+                           torch.Generator().manual_seed(0))
+    mask = grpo.loss_mask_of(samples.input_ids[:, samples.prompt_len:], bf16.tokenizer.eos_token_id)
+    adv = torch.randn(mask.shape[0], generator=torch.Generator().manual_seed(0))  # random models earn no reward
+    media32 = {k: v.repeat_interleave(3, 0) for k, v in data.stack_media(feats["fp32"], names).items()}
+    ref_logp = {"bf16": grpo.score_samples(M.frozen_copy(bf16), samples, args.temperature, 8),
+                "fp32": grpo.score_samples(M.frozen_copy(fp32), dataclasses.replace(samples, media=media32),
+                                           args.temperature, 8)}
+    settings = {k: getattr(args, k) for k in grpo.LOSS_SETTINGS}
+    for name, media in (("bf16", samples.media), ("fp32", media32)):
+        ro = grpo.Rollout(samples.input_ids, samples.attention, media, samples.prompt_len, mask, adv,
+                          ref_logp[name], None)
+        stats = grpo.accumulate_gradients(models[name], models[name], ro, float(mask.shape[0]),
+                                          float(mask.sum()), 1, **settings)
         grads[name] = trainable_grads(models[name])
-        assert torch.isfinite(torch.tensor(stats["loss"])) and torch.isfinite(grads[name]).all()
-    mask = ro.loss_mask.bool()
-    assert torch.isfinite(ro.ref_logp).all()
-    assert torch.allclose(ro.ref_logp[mask], ro32.ref_logp[mask], atol=0.1)
+        assert math.isfinite(stats.loss) and torch.isfinite(grads[name]).all()
+    keep = mask.bool()
+    assert torch.isfinite(ref_logp["bf16"]).all()
+    assert torch.allclose(ref_logp["bf16"][keep], ref_logp["fp32"][keep], atol=0.1)
     assert torch.cosine_similarity(grads["bf16"], grads["fp32"], 0) > 0.98
 
 
