@@ -151,13 +151,14 @@ def rollout(model, clips, feats, group_size: int, think: bool, max_new_tokens: i
     with model.autocast():  # no top-p / top-k cut: the distribution we sample is the one the loss scores
         tokens, sample_logp, entropy = model.generate(ids, att, media, max_new_tokens, temperature,
                                                       generator=generator, return_stats=True)  # (B*G, L) x 3
-    # the completion's attention covers everything up to and including the first EOS (pad may equal eos)
-    eos = model.tokenizer.eos_token_id
-    mask = model_lib.completion_mask(tokens, eos)
+    # the completion's attention covers everything up to and including the first stop token (any of the LM's
+    # stop ids; pad may be one of them)
+    stop = model.stop_ids
+    mask = model_lib.completion_mask(tokens, stop)
     return Samples(input_ids=torch.cat([ids, tokens], 1), attention=torch.cat([att, mask], 1), media=media,
                    prompt_len=ids.shape[1], sample_logp=sample_logp, entropy=entropy,
-                   truncated=~(tokens == eos).any(1),
-                   texts=model.tokenizer.batch_decode(tokens, skip_special_tokens=True),
+                   truncated=~torch.isin(tokens, torch.tensor(stop, device=tokens.device)).any(1),
+                   texts=model.completion_texts(tokens),  # the reward sees the text before the stop token
                    seconds=time.time() - t0)
 
 
@@ -215,13 +216,13 @@ def score_samples(net, s: Samples, temperature: float, micro_batch: int) -> torc
 # 5. Update: the per-token loss, its aggregation, and the micro-batched backward
 
 
-def loss_mask_of(tokens: torch.Tensor, eos_id: int, truncated: str = "keep") -> torch.Tensor:
-    """Completion tokens that enter the loss: up to and including the first EOS; rows without EOS (truncated)
-    are kept or dropped whole. NOTE: built from EOS positions, never from pad (pad may equal eos).
-    tokens (N, L) -> (N, L)."""
-    mask = model_lib.completion_mask(tokens, eos_id)
+def loss_mask_of(tokens: torch.Tensor, stop_ids, truncated: str = "keep") -> torch.Tensor:
+    """Completion tokens that enter the loss: up to and including the first stop token (any of `stop_ids`);
+    rows without one (truncated) are kept or dropped whole. NOTE: built from stop positions, never from pad
+    (pad may be a stop id). tokens (N, L) -> (N, L)."""
+    mask = model_lib.completion_mask(tokens, stop_ids)
     if truncated == "drop":
-        mask = mask * (tokens == eos_id).any(1, keepdim=True)
+        mask = mask * torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device)).any(1, keepdim=True)
     return mask
 
 
@@ -505,9 +506,8 @@ def main(args: Args):
 
         # 5. update: mu optimiser steps on this rollout
         t_update = time.time()
-        eos = model.tokenizer.eos_token_id
         ro = Rollout(input_ids=s.input_ids, attention=s.attention, media=s.media, prompt_len=s.prompt_len,
-                     loss_mask=loss_mask_of(s.input_ids[:, s.prompt_len:], eos, args.truncated),  # (N, L)
+                     loss_mask=loss_mask_of(s.input_ids[:, s.prompt_len:], model.stop_ids, args.truncated),  # (N, L)
                      adv=adv, ref_logp=ref_logp, old_logp=old_logp)
         # the normalisers count the whole step over all ranks, so every rank's micro-batches add up exactly
         n_seqs, n_tokens = step_normalisers(ro, d.device)

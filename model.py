@@ -385,6 +385,23 @@ class AffectGPT(nn.Module):
     def _banned(self, device):
         return torch.tensor(self.placeholder_ids, device=device)
 
+    @property
+    def stop_ids(self) -> list:
+        """Every token that ends a completion: the tokenizer's EOS and the LM's generation-config EOS ids
+        (a list for Qwen2.5-Instruct: <|im_end|> and <|endoftext|>). SFT targets end with the tokenizer's EOS."""
+        ids = self.llm.generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        return sorted(set(ids) | {self.tokenizer.eos_token_id})
+
+    def completion_texts(self, tokens: torch.Tensor) -> list:
+        """Decoded completions (B, L) -> B strings, each cut before its first stop token (what the reward sees)."""
+        keep = completion_mask(tokens, self.stop_ids).bool() & ~torch.isin(tokens, self._stop_tensor(tokens))
+        return self.tokenizer.batch_decode([row[k].tolist() for row, k in zip(tokens, keep)],
+                                           skip_special_tokens=True)
+
+    def _stop_tensor(self, like):
+        return torch.tensor(self.stop_ids, device=like.device)
+
     @contextlib.contextmanager
     def adapters_disabled(self):
         """The same network with every LoRA adapter switched off: the base LLM under the adapters."""
@@ -416,8 +433,9 @@ class AffectGPT(nn.Module):
 
         Sampling draws from softmax(logits / temperature), optionally cut by top_k / top_p. With return_stats,
         also returns the log-probs of the drawn tokens under softmax(logits / temperature) and the entropy of
-        that distribution, both (B, L) float32 and 0 after the first EOS (GRPO logs and tests them)."""
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        that distribution, both (B, L) float32 and 0 after the first EOS (GRPO logs and tests them). A row ends
+        at its first token of `stop_ids` (any of them; "EOS" here and in the masks means any stop token)."""
+        stop, pad = self._stop_tensor(input_ids), self.tokenizer.pad_token_id
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=True, logits_to_keep=1)
@@ -437,7 +455,7 @@ class AffectGPT(nn.Module):
                 plogp = (logp_all.exp() * logp_all).nan_to_num(0.0)  # 0 * log 0 = 0 for banned tokens
                 entropies.append(-plogp.sum(-1).masked_fill(done, 0.0))
             tokens.append(tok)
-            done |= tok == eos
+            done |= torch.isin(tok, stop)
             if bool(done.all()):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
@@ -462,7 +480,7 @@ class AffectGPT(nn.Module):
             with self.autocast():
                 tokens = self.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                        part, max_new_tokens=max_new_tokens, **sampling)
-            texts += self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            texts += self.completion_texts(tokens)
         return texts
 
 
@@ -481,30 +499,82 @@ def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 up to AND INCLUDING the first EOS, 0 after it. NOTE: never built from `token == pad`: when pad == eos
-    that would mask the EOS itself and the policy would never learn to stop."""
-    is_eos = (tokens == eos_id).long()
+def completion_mask(tokens: torch.Tensor, stop_ids) -> torch.Tensor:
+    """1 up to AND INCLUDING the first stop token (one id or a list: any of them), 0 after it. NOTE: never
+    built from `token == pad`: when pad is a stop id that would mask the stop itself and the policy would never
+    learn to stop."""
+    is_eos = torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device)).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
-def token_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, temperature: float = 1.0,
+class _ChunkedLogprob(torch.autograd.Function):
+    """log softmax(x W^T + b)[target] / T by chunks of rows, forward AND backward: backward recomputes each
+    chunk's logits instead of keeping them, so the extra memory is about one (chunk, V) float32 tensor, not
+    (N, V). Gradient of logp_t with respect to the logits z: (onehot(t) - softmax(z)) / T."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, banned, dtype):
+        # hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) -> (N,) float32
+        lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        out = torch.empty_like(lse)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)  # what autocast would multiply
+        for i in range(0, hidden.shape[0], chunk):
+            z = _chunk_logits(hidden[i:i + chunk], w, b, temperature, banned, dtype)  # (chunk, V)
+            lse[i:i + chunk] = z.logsumexp(-1)
+            out[i:i + chunk] = z.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, banned)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (N,)
+        hidden, weight, bias, targets, lse, banned = ctx.saved_tensors
+        T, dtype = ctx.temperature, ctx.dtype
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h, g = hidden[i:i + ctx.chunk], grad_out[i:i + ctx.chunk, None]
+            z = _chunk_logits(h, w, b, T, banned, dtype)  # recomputed (chunk, V); banned columns give p = 0
+            dz = z.sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g)  # -g * softmax(z), in place
+            dz.scatter_add_(-1, targets[i:i + ctx.chunk, None], g)  # + g at the target
+            dz = dz.div_(T).to(dtype)  # d/d(x W^T + b): the 1/T of the temperature
+            if need_h:
+                grad_h[i:i + ctx.chunk] = (dz @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (dz.t() @ h.to(dtype)).float()
+            if need_b:
+                grad_b += dz.float().sum(0)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return grad_h, cast(grad_w, weight), cast(grad_b, bias), None, None, None, None, None
+
+
+def _chunk_logits(h, w, b, temperature, banned, dtype):
+    """float32 logits / T of one chunk of rows, banned columns at -inf: (chunk, V)."""
+    z = F.linear(h.to(dtype), w, b).float().div_(temperature)
+    return z.index_fill_(-1, banned, float("-inf")) if len(banned) else z
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 1024, banned=()) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / T)[target] in float32, by chunks of rows so that no float32 (N, V) tensor
-    larger than (chunk, V) is materialised; `banned` token ids get probability 0. hidden (..., D), targets (...)
-    -> (...)."""
+    """log softmax(lm_head(hidden) / T)[target] in float32; `banned` token ids get probability 0. hidden (..., D),
+    targets (...) -> (...). Memory-bounded in forward and backward: no float32 (N, V) tensor larger than
+    (chunk, V) is materialised or kept for backward (`_ChunkedLogprob`). Under autocast the head multiplies in
+    the autocast dtype, as `lm_head(hidden)` would."""
+    if type(lm_head) is not nn.Linear:  # LoRA or another wrapper on the head would be silently ignored here
+        raise TypeError(f"token_logprobs needs a plain nn.Linear LM head, got {type(lm_head).__name__}")
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    banned = torch.tensor(list(banned), dtype=torch.long, device=hidden.device)
-    out = []
-    for i in range(0, flat_h.shape[0], chunk):
-        logits = lm_head(flat_h[i:i + chunk]).float() / temperature  # (chunk, V)
-        if len(banned):
-            logits = logits.index_fill(-1, banned, float("-inf"))
-        picked = logits.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1)
-        out.append(picked - logits.logsumexp(-1))
-    if not out:
+    if flat_h.shape[0] == 0:
         return hidden.new_zeros(targets.shape, dtype=torch.float32)
-    return torch.cat(out).view(targets.shape)
+    banned = torch.tensor(list(banned), dtype=torch.long, device=hidden.device)
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    with torch.autocast(dev, enabled=False):  # the casts are explicit inside, the same in backward
+        out = _ChunkedLogprob.apply(flat_h, lm_head.weight, lm_head.bias, flat_t, temperature, chunk, banned,
+                                    dtype)
+    return out.view(targets.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -235,6 +235,12 @@ def test_loss_mask_keeps_eos_when_pad_equals_eos_and_follows_the_truncation_flag
     assert grpo.loss_mask_of(tokens, eos, "drop").tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0] * 5]
 
 
+def test_loss_mask_ends_at_either_of_two_stop_ids():
+    tokens = torch.tensor([[3, 9, 7, 7, 7], [3, 4, 7, 7, 7], [3, 4, 5, 6, 2]])  # stops 7 and 9; 7 is also pad
+    assert grpo.loss_mask_of(tokens, [7, 9]).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert grpo.loss_mask_of(tokens, [7, 9], "drop").tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0] * 5]
+
+
 def logprobs(net, ro, temperature):
     with torch.no_grad():
         return grpo.completion_logprobs(net, ro.input_ids, ro.attention, ro.media, ro.prompt_len, temperature)

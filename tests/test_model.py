@@ -184,7 +184,52 @@ def test_generation_pads_after_eos(tokenizer):
     ([5, 2, 5, 2, 5], [1, 1, 0, 0, 0]),
 ])
 def test_completion_mask(tokens, mask):
-    assert M.completion_mask(torch.tensor([tokens]), eos_id=2).tolist() == [mask]
+    assert M.completion_mask(torch.tensor([tokens]), stop_ids=2).tolist() == [mask]
+
+
+def test_completion_mask_with_two_stop_ids():
+    tokens = torch.tensor([[5, 3, 2, 3], [5, 2, 3, 2], [5, 6, 7, 8], [3, 3, 3, 3]])
+    assert M.completion_mask(tokens, [2, 3]).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def two_stop_model(tokenizer):
+    """The tiny model whose LM lists two stop ids, as Qwen2.5-Instruct's generation config does: <|im_end|>
+    (the tokenizer's EOS) and <|endoftext|> (also the pad token)."""
+    model = tiny(tokenizer)
+    stops = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    model.llm.generation_config.eos_token_id = stops
+    return model, stops
+
+
+def test_generation_stops_at_either_stop_id(tokenizer):
+    model, (im_end, endoftext) = two_stop_model(tokenizer)
+    assert model.stop_ids == sorted([im_end, endoftext])
+    head = model.llm.get_output_embeddings()
+    bias = torch.zeros(head.out_features)
+    bias[[im_end, endoftext]] = 4.5  # each stop gets a good share of the mass: rows stop at either, early
+    head.bias = torch.nn.Parameter(bias)
+    enc = prompts(tokenizer, ["happy", "sad", "angry", "calm", "worried", "tense", "glad", "low"])
+    out = model.generate(enc["input_ids"], enc["attention_mask"], media(8), max_new_tokens=40,
+                         generator=torch.Generator().manual_seed(0))
+    is_stop = (out == im_end) | (out == endoftext)
+    first = is_stop.long().argmax(1)  # each row's first stop token
+    ends = out[torch.arange(len(out)), first]
+    assert is_stop.any(1).all() and out.shape[1] < 40  # every row stopped; generation ended early
+    assert (ends == im_end).any() and (ends == endoftext).any()  # rows ended at each of the two ids
+    mask = M.completion_mask(out, model.stop_ids)
+    assert mask.sum(1).tolist() == (first + 1).tolist()  # the mask includes the first stop of either kind
+    assert torch.all((out == tokenizer.pad_token_id) | (mask == 1))  # only padding after it
+
+
+def test_completion_texts_end_before_the_first_stop(tokenizer):
+    model, (im_end, endoftext) = two_stop_model(tokenizer)
+    happy, sad = (tokenizer.encode(w, add_special_tokens=False) for w in ("happy", " sad"))
+    # a plain word as a third stop id: special or not, the text ends before the first stop
+    model.llm.generation_config.eos_token_id = [im_end, endoftext, sad[0]]
+    rows = [happy + [endoftext] + happy + [im_end], happy + sad + happy, happy + [im_end] + happy]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [endoftext] * (width - len(r)) for r in rows])
+    assert model.completion_texts(tokens) == ["happy", "happy", "happy"]
 
 
 def test_sample_token_respects_top_k_and_top_p():
@@ -203,13 +248,52 @@ def test_sample_token_respects_top_k_and_top_p():
     assert (cold == 0).float().mean() > 0.99
 
 
-def test_token_logprobs_match_log_softmax():
+def straightforward_logprobs(hidden, head, targets, temperature, banned):
+    """The reference: full (N, V) logits, banned columns at -inf, log-softmax, gather."""
+    logits = head(hidden).float() / temperature
+    logits[..., banned] = float("-inf")
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_token_logprobs_values_and_gradients_equal_the_straightforward_computation(autocast):
     g = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
-    hidden, targets = torch.randn(3, 7, 16, generator=g), torch.randint(0, 50, (3, 7), generator=g)
-    want = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)
-    got = M.token_logprobs(hidden, head, targets, temperature=0.7, chunk=4)
-    assert torch.allclose(got, want, atol=1e-6)
+    head = torch.nn.Linear(16, 50)
+    with torch.no_grad():
+        head.bias.normal_(generator=g)
+    hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    banned = [3, 17]
+    targets = torch.randint(0, 50, (3, 7), generator=g)
+    targets[torch.isin(targets, torch.tensor(banned))] = 4  # a banned target has log-prob -inf in both
+    weights = torch.randn(3, 7, generator=g)  # an arbitrary upstream gradient
+    results = []
+    for fn in (straightforward_logprobs, lambda *a: M.token_logprobs(*a[:4], chunk=4, banned=a[4])):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp = fn(hidden, head, targets, 0.7, banned)
+        grads = torch.autograd.grad((logp * weights).sum(), [hidden, head.weight, head.bias])
+        results.append((logp, *grads))
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    for want, got in zip(*results):
+        assert got.dtype == want.dtype and torch.allclose(got, want, **tol), (got - want).abs().max()
+
+
+def test_token_logprobs_keeps_no_vocabulary_sized_tensor_for_backward():
+    N, D, V = 64, 8, 500
+    head = torch.nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logp = M.token_logprobs(hidden, head, torch.randint(0, V, (N,)), chunk=16)
+    # inputs (hidden, weight) and per-row numbers only: far below the N x V logits
+    assert sum(saved) <= N * D + V * D + 4 * N
+    logp.sum().backward()
+    assert hidden.grad is not None and head.weight.grad is not None
+
+
+def test_token_logprobs_refuses_a_wrapped_head():
+    lora = M.LoRALinear(torch.nn.Linear(8, 20), r=2, alpha=4, dropout=0.0)
+    with pytest.raises(TypeError, match="plain nn.Linear"):
+        M.token_logprobs(torch.randn(3, 8), lora, torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("train_llm", ["lora", "full"])
