@@ -185,6 +185,8 @@ class Args:
     overwrite: bool = field(default=False, metadata={"help": "replace another checkpoint's evaluation in --out"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    compile: bool | None = field(default=None, metadata={"help": "sample with the compiled static-cache decode "
+                                                          "step (default: on with CUDA, off on CPU)"})
 
 
 def resolve_think(args: Args, ckpt: str) -> bool:
@@ -426,7 +428,7 @@ def eval_main(argv):
         raise SystemExit(f"error: --root {args.root}: no such folder")
     labelled = read_unibench(args.root) if args.benchmark else data.read_split(root, args.split)
     d = common.setup_dist(args.device)
-    model = model_lib.load_model(ckpt, device=d.device).eval()
+    model = model_lib.load_model(ckpt, device=d.device).eval().compile_sampler(args.compile)
     think = resolve_think(args, ckpt)
     meta = {"ckpt": ckpt, "ckpt_path": os.path.abspath(ckpt), "think": think, "lexicon": lex.source,
             **{k: v for k, v in asdict(args).items() if k not in ("ckpt", "think", "out")}, "out": out}

@@ -116,6 +116,8 @@ class Args:
                                                              "args.json) and start over"})
     stop_after: int = field(default=0, metadata={"help": "save and stop after this many steps (0: off)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    compile: bool | None = field(default=None, metadata={"help": "sample with the compiled static-cache decode "
+                                                          "step (default: on with CUDA, off on CPU)"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,6 +417,7 @@ def main(args: Args):
         torch.manual_seed(args.seed)
         model_lib.add_lora(model, args.lora_r, 2.0 * args.lora_r, train_projector=not args.freeze_projector)
     ref = model_lib.frozen_copy(model)
+    model.compile_sampler(args.compile)  # the policy generates; the reference only scores
     if resume_from:
         model_lib.load_trainable(model, resume_from)
     cfg = model.cfg

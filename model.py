@@ -56,6 +56,7 @@ import data  # the one prompt builder of every stage, the tokenizer corpus, the 
 
 PLACEHOLDERS = ("<|fused|>", "<|audio|>", "<|video|>")  # in this order in every prompt
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+SAMPLERS = ("eager", "static", "compiled")  # decode loops of AffectGPT.generate
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -282,6 +283,7 @@ class AffectGPT(nn.Module):
         self.projector = Projector(self._vision_dim(), self.audio.config.hidden_size, d_llm,
                                    cfg.fusion_width, cfg.n_tokens)
         self.placeholder_ids = tokenizer.convert_tokens_to_ids(list(PLACEHOLDERS))
+        self.sampler, self._compiled_step = "eager", None  # see use_sampler
         self.image_size = self.vision.config.image_size
         mean, std = PIXEL_STATS[vision_family]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -428,13 +430,22 @@ class AffectGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media, max_new_tokens=128, temperature=1.0, top_p=1.0,
-                 top_k=0, greedy=False, generator=None, return_stats=False):
+                 top_k=0, greedy=False, generator=None, return_stats=False, sampler=None):
         """Sample completions for left-padded prompts: (B, L) token ids, pad after each row's first EOS.
 
         Sampling draws from softmax(logits / temperature), optionally cut by top_k / top_p. With return_stats,
         also returns the log-probs of the drawn tokens under softmax(logits / temperature) and the entropy of
         that distribution, both (B, L) float32 and 0 after the first EOS (GRPO logs and tests them). A row ends
-        at its first token of `stop_ids` (any of them; "EOS" here and in the masks means any stop token)."""
+        at its first token of `stop_ids` (any of them; "EOS" here and in the masks means any stop token).
+
+        `sampler` (default: self.sampler) picks the decode loop: "eager" is the one below, written to be read;
+        "static" and "compiled" (`generate_static`) give the same tokens, faster."""
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, generator=generator,
+                        return_stats=return_stats)
+        sampler = sampler or self.sampler
+        if sampler != "eager":
+            return self.generate_static(input_ids, attention_mask, media, max_new_tokens,
+                                        compiled=sampler == "compiled", **sampling)
         stop, pad = self._stop_tensor(input_ids), self.tokenizer.pad_token_id
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
@@ -444,31 +455,93 @@ class AffectGPT(nn.Module):
         cache, logits = out.cache, out.logits[:, -1].index_fill(-1, banned, float("-inf"))
         next_pos = position_ids[:, -1:] + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tokens, logps, entropies = [], [], []
+        steps = []  # (token, log-prob, entropy) per step
         for _ in range(max_new_tokens):
-            tok = logits.float().argmax(-1) if greedy else sample_token(logits, temperature, top_p, top_k,
-                                                                         generator)
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            if return_stats:
-                logp_all = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), -1)
-                logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
-                plogp = (logp_all.exp() * logp_all).nan_to_num(0.0)  # 0 * log 0 = 0 for banned tokens
-                entropies.append(-plogp.sum(-1).masked_fill(done, 0.0))
-            tokens.append(tok)
-            done |= torch.isin(tok, stop)
-            if bool(done.all()):
+            steps.append(next_token(logits, done, pad, **sampling))
+            done |= torch.isin(steps[-1][0], stop)
+            if bool(done.all()):  # NOTE: a host sync per token; generate_static checks every few tokens
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
-            out = self.llm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
+            out = self.llm(input_ids=steps[-1][0][:, None], attention_mask=attention_mask, position_ids=next_pos,
                            cache=cache, use_cache=True)
             cache, logits = out.cache, out.logits[:, -1].index_fill(-1, banned, float("-inf"))
             next_pos = next_pos + 1
-        B = input_ids.shape[0]
-        stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(B, 0, dtype=dtype,  # noqa: E731
-                                                                            device=input_ids.device)
-        if not return_stats:
-            return stack(tokens, torch.long)
-        return stack(tokens, torch.long), stack(logps, torch.float32), stack(entropies, torch.float32)
+        return _stack_steps(steps, input_ids.shape[0], input_ids.device, return_stats)
+
+    @torch.no_grad()
+    def generate_static(self, input_ids, attention_mask, media, max_new_tokens=128, compiled=False,
+                        check_every=8, bucket=64, **sampling):
+        """`generate` with a preallocated KV cache and a fixed-shape decode step (`decode_step`), compiled with
+        fullgraph=True when `compiled` (see `use_sampler`). Same tokens, log-probs and entropies as the eager
+        loop (to float rounding), and the same draws from `generator`; but the rows' completion is checked every
+        `check_every` tokens only (no host sync per token), so up to check_every - 1 extra draws may be taken
+        from the generator after the last row stopped. Prompts are left-padded to a multiple of `bucket`
+        columns, so that varying prompt lengths reuse a few compiled shapes."""
+        B, P0 = input_ids.shape
+        P = -(-P0 // bucket) * bucket
+        dev, pad = input_ids.device, self.tokenizer.pad_token_id
+        input_ids = F.pad(input_ids, (P - P0, 0), value=pad)  # more left padding: masked, positions unchanged
+        keep = F.pad(attention_mask, (P - P0, max_new_tokens), value=0).bool()  # (B, S) real prompt tokens
+        S = P + max_new_tokens
+        cache = self._static_cache(B, S, dev)
+        impl = self.llm.config._attn_implementation
+        position_ids = (keep[:, :P].long().cumsum(-1) - 1).clamp(min=0)
+        q, k = torch.arange(P, device=dev)[:, None], torch.arange(S, device=dev)
+        # prefill mask (B, P, S): causal over the real tokens; a pad row sees itself (no empty softmax row)
+        prefill = (keep[:, None, :] & (k <= q)) | (k == q)
+        out = self.llm(inputs_embeds=self.embed(input_ids, media), position_ids=position_ids, cache=cache,
+                       attention_mask=_attention_bias(prefill[:, None], impl), use_cache=True, logits_to_keep=1)
+        banned = self._banned(dev)
+        logits = out.logits[:, -1].index_fill(-1, banned, float("-inf"))
+        step = self._compiled_step if compiled else decode_step
+        if step is None:
+            raise RuntimeError("the compiled sampler needs model.use_sampler('compiled') first")
+        start = torch.tensor(P, device=dev)  # cache slot of the first generated token
+        slot, first_pos = start.clone(), position_ids[:, -1:] + 1
+        stop = self._stop_tensor(input_ids)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        steps = []
+        for t in range(max_new_tokens):
+            steps.append(next_token(logits, done, pad, **sampling))
+            done |= torch.isin(steps[-1][0], stop)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+                break
+            if compiled and dev.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
+            logits = step(self.llm, steps[-1][0], slot, start, keep, first_pos, cache, banned)
+            slot = slot + 1
+        out = _stack_steps(steps, B, dev, sampling["return_stats"])
+        tokens = out[0] if sampling["return_stats"] else out
+        n = int(completion_mask(tokens, stop).sum(1).max()) if tokens.shape[1] else 0  # as the eager loop stops
+        return tuple(x[:, :n] for x in out) if sampling["return_stats"] else out[:, :n]
+
+    def _static_cache(self, B, S, device):
+        """A StaticCache of B rows x S slots, reused while the shape stays (its tensors keep their addresses:
+        CUDA graphs replay instead of re-recording)."""
+        from transformers import StaticCache
+        key = (B, S, str(device), torch.is_autocast_enabled(device.type))
+        if getattr(self, "_cache_key", None) != key:
+            self._cache, self._cache_key = StaticCache(config=self.llm.config, max_cache_len=S), key
+        self._cache.reset()
+        return self._cache
+
+    def compile_sampler(self, enabled: bool | None = None):
+        """The stages' --compile: the compiled static sampler (CUDA graphs on a GPU) or the eager loop; None means
+        on with CUDA, off on CPU (where compiling costs more than the demos' generation)."""
+        cuda = self.device.type == "cuda"
+        if not (cuda if enabled is None else enabled):
+            return self.use_sampler("eager")
+        return self.use_sampler("compiled", mode="reduce-overhead" if cuda else None)
+
+    def use_sampler(self, kind: str, backend: str = "inductor", mode: str | None = None):
+        """Choose the decode loop of generate: "eager", "static" or "compiled" (torch.compile of `decode_step`
+        with fullgraph=True; mode "reduce-overhead" captures it in a CUDA graph)."""
+        if kind not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
+        self.sampler = kind
+        if kind == "compiled":
+            self._compiled_step = torch.compile(decode_step, fullgraph=True, backend=backend, mode=mode)
+        return self
 
     def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, **sampling) -> list:
         """Completions (text) for clips given their subtitles and encoder features, in batches; `sampling`
@@ -497,6 +570,54 @@ def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token(logits, done, pad, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
+               return_stats=False):
+    """One decode step's choice: (token, log-prob, entropy) per row, (B,) each; finished rows get pad and 0.
+    The log-prob and entropy are those of softmax(logits / T) (T = 1 when greedy), None without return_stats."""
+    tok = logits.float().argmax(-1) if greedy else sample_token(logits, temperature, top_p, top_k, generator)
+    tok = torch.where(done, torch.full_like(tok, pad), tok)
+    if not return_stats:
+        return tok, None, None
+    logp_all = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), -1)
+    logp = logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+    plogp = (logp_all.exp() * logp_all).nan_to_num(0.0)  # 0 * log 0 = 0 for banned tokens
+    return tok, logp, -plogp.sum(-1).masked_fill(done, 0.0)
+
+
+def _stack_steps(steps, B, device, return_stats):
+    """[(token, logp, entropy)] per step -> tokens (B, L) long [, logps, entropies (B, L) float32]."""
+    cols = list(zip(*steps)) or [[], [], []]
+    stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(B, 0, dtype=dtype,  # noqa: E731
+                                                                        device=device)
+    if not return_stats:
+        return stack(cols[0], torch.long)
+    return stack(cols[0], torch.long), stack(cols[1], torch.float32), stack(cols[2], torch.float32)
+
+
+def decode_step(llm, tok, slot, start, keep, first_pos, cache, banned):
+    """One fixed-shape decode step of the static sampler, written for torch.compile(fullgraph=True): every
+    shape is the same at every step and nothing reads a value on the host. tok (B,) is the token that goes into
+    cache slot `slot` (0-d tensor); generated tokens fill slots start.. (0-d), keep (B, S) marks the prompt's
+    real tokens, first_pos (B, 1) is each row's position at slot `start`. Returns the next logits (B, V) with
+    the banned ids at -inf."""
+    k = torch.arange(keep.shape[1], device=keep.device)
+    seen = keep | ((k >= start) & (k <= slot))  # (B, S): real prompt tokens and the generated ones so far
+    mask = _attention_bias(seen[:, None, None, :], llm.config._attn_implementation)  # (B, 1, 1, S)
+    out = llm(input_ids=tok[:, None], attention_mask=mask, position_ids=first_pos + (slot - start), cache=cache,
+              use_cache=True)
+    return out.logits[:, -1].index_fill(-1, banned, float("-inf"))
+
+
+def _attention_bias(allowed: torch.Tensor, impl: str) -> torch.Tensor:
+    """A 4D mask (B, 1, Q, S) as transformers' attention implementations take it: bool for sdpa, additive
+    float for eager. The static sampler builds its own masks (transformers' are sized by the cache's fill)."""
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    raise ValueError(f"the static sampler supports the sdpa and eager attention implementations, not {impl!r}")
 
 
 def completion_mask(tokens: torch.Tensor, stop_ids) -> torch.Tensor:

@@ -97,6 +97,8 @@ class Args:
     stop_after: int = field(default=0, metadata={"help": "save and stop after this many steps of this "
                                                          "invocation (split a long run into jobs; 0: off)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    compile: bool | None = field(default=None, metadata={"help": "sample with the compiled static-cache decode "
+                                                          "step (default: on with CUDA, off on CPU)"})
 
 
 def check_args(args: Args):
@@ -242,6 +244,7 @@ def main(args: Args):
                                                 train_llm=args.train_llm, seed=args.model_seed,
                                                 random_init=args.random_init or None)
         model = model_lib.build_model(cfg, device=d.device, init_seed=args.seed)
+    model.compile_sampler(args.compile)  # the held-out evaluation generates
     if args.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = model.cfg

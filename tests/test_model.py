@@ -411,3 +411,56 @@ def test_random_init_of_a_named_model_needs_no_hub(tmp_path):
     assert model.llm.config.vocab_size == 151936 > len(model.tokenizer)  # the real vocabulary size is kept
     M.save_model(model, str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "base.safetensors").is_file()  # random weights travel with the checkpoint
+
+
+# ---- the static (and compiled) sampler against the eager loop ------------------------------------------------
+
+def run_samplers(model, enc, feats, samplers=("eager", "static"), **kw):
+    """generate under each sampler with the same seed: {sampler: (tokens, logps, entropies)}."""
+    return {s: model.generate(enc["input_ids"], enc["attention_mask"], feats, generator=torch.Generator()
+                              .manual_seed(0), return_stats=True, sampler=s, **kw) for s in samplers}
+
+
+def assert_same_generation(out, want):
+    assert torch.equal(out[0], want[0])  # tokens (and the length: where the last row stopped)
+    for a, b in zip(out[1:], want[1:]):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def stopping_model(tokenizer):
+    """Two stop ids with a good share of the mass: rows stop at different steps, after a few tokens."""
+    model, stops = two_stop_model(tokenizer)
+    bias = torch.zeros(model.llm.get_output_embeddings().out_features)
+    bias[stops] = 2.5
+    model.llm.get_output_embeddings().bias = torch.nn.Parameter(bias)
+    return model
+
+
+TEXTS = ["happy", "sad angry calm worried happy sad", "calm", "worried tense glad low high"]  # left padding
+
+
+def test_static_sampler_greedy_equals_eager(tokenizer):
+    model = stopping_model(tokenizer)
+    enc, feats = prompts(tokenizer, TEXTS), media(4)
+    out = run_samplers(model, enc, feats, greedy=True, max_new_tokens=30)
+    assert 0 < out["eager"][0].shape[1] < 30  # stopped early: the trimming to the eager length is tested
+    assert_same_generation(out["static"], out["eager"])
+
+
+def test_static_sampler_sampled_equals_eager_and_never_emits_a_placeholder(tokenizer):
+    model = stopping_model(tokenizer)
+    with torch.no_grad():  # the placeholders would be the most likely tokens by far
+        model.llm.get_output_embeddings().weight[model.placeholder_ids] *= 500
+    enc, feats = prompts(tokenizer, TEXTS * 2), media(8)
+    for kw in (dict(temperature=0.7), dict(temperature=1.3, top_p=0.9, top_k=30)):
+        out = run_samplers(model, enc, feats, max_new_tokens=24, **kw)
+        assert out["eager"][0].shape[1] > 8  # longer than one completion check of the static loop
+        assert_same_generation(out["static"], out["eager"])
+        assert not torch.isin(out["static"][0], torch.tensor(model.placeholder_ids)).any()
+
+
+def test_compiled_decode_step_has_no_graph_break_and_equals_eager(tokenizer):
+    model = stopping_model(tokenizer).use_sampler("compiled", backend="eager")  # fullgraph=True: a break raises
+    enc, feats = prompts(tokenizer, TEXTS), media(4)
+    out = run_samplers(model, enc, feats, ("eager", "compiled"), temperature=0.9, max_new_tokens=12)
+    assert_same_generation(out["compiled"], out["eager"])
