@@ -664,7 +664,9 @@ class _ChunkedLogprob(torch.autograd.Function):
             dz = dz.div_(T).to(dtype)  # d/d(x W^T + b): the 1/T of the temperature
             if need_h:
                 grad_h[i:i + ctx.chunk] = (dz @ w).to(hidden.dtype)
-            if need_w:
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(dz.t(), h)  # in place: no second (V, D) temporary
+            elif need_w:
                 grad_w += (dz.t() @ h.to(dtype)).float()
             if need_b:
                 grad_b += dz.float().sum(0)

@@ -221,6 +221,15 @@ def test_generation_stops_at_either_stop_id(tokenizer):
     assert torch.all((out == tokenizer.pad_token_id) | (mask == 1))  # only padding after it
 
 
+def test_sft_targets_end_with_a_stop_id_whatever_the_generation_config_lists(tokenizer):
+    import data
+    model = tiny(tokenizer)
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.llm.generation_config.eos_token_id = endoftext  # one id, and not the tokenizer's EOS
+    ex = data.tokenize_example(model.tokenizer, data.Clip("c", "['happy']", "hi"), think=False, n_tokens=1)
+    assert ex["labels"][-1] in model.stop_ids and endoftext in model.stop_ids
+
+
 def test_completion_texts_end_before_the_first_stop(tokenizer):
     model, (im_end, endoftext) = two_stop_model(tokenizer)
     happy, sad = (tokenizer.encode(w, add_special_tokens=False) for w in ("happy", " sad"))
