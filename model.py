@@ -470,7 +470,7 @@ class AffectGPT(nn.Module):
 
     @torch.no_grad()
     def generate_static(self, input_ids, attention_mask, media, max_new_tokens=128, compiled=False,
-                        check_every=8, bucket=64, **sampling):
+                        check_every=8, bucket=64, return_stats=False, **sampling):
         """`generate` with a preallocated KV cache and a fixed-shape decode step (`decode_step`), compiled with
         fullgraph=True when `compiled` (see `use_sampler`). Same tokens, log-probs and entropies as the eager
         loop (to float rounding), and the same draws from `generator`; but the rows' completion is checked every
@@ -502,7 +502,7 @@ class AffectGPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         steps = []
         for t in range(max_new_tokens):
-            steps.append(next_token(logits, done, pad, **sampling))
+            steps.append(next_token(logits, done, pad, return_stats=return_stats, **sampling))
             done |= torch.isin(steps[-1][0], stop)
             if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
                 break
@@ -510,10 +510,10 @@ class AffectGPT(nn.Module):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
             logits = step(self.llm, steps[-1][0], slot, start, keep, first_pos, cache, banned)
             slot = slot + 1
-        out = _stack_steps(steps, B, dev, sampling["return_stats"])
-        tokens = out[0] if sampling["return_stats"] else out
+        out = _stack_steps(steps, B, dev, return_stats)
+        tokens = out[0] if return_stats else out
         n = int(completion_mask(tokens, stop).sum(1).max()) if tokens.shape[1] else 0  # as the eager loop stops
-        return tuple(x[:, :n] for x in out) if sampling["return_stats"] else out[:, :n]
+        return tuple(x[:, :n] for x in out) if return_stats else out[:, :n]
 
     def _static_cache(self, B, S, device):
         """A StaticCache of B rows x S slots, reused while the shape stays (its tensors keep their addresses:
@@ -540,7 +540,9 @@ class AffectGPT(nn.Module):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
         self.sampler = kind
         if kind == "compiled":
-            self._compiled_step = torch.compile(decode_step, fullgraph=True, backend=backend, mode=mode)
+            # dynamic=False: one specialised graph per (batch, cache length); prompts come in buckets of 64
+            self._compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend,
+                                                mode=mode)
         return self
 
     def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, **sampling) -> list:
