@@ -185,8 +185,8 @@ class Args:
     overwrite: bool = field(default=False, metadata={"help": "replace another checkpoint's evaluation in --out"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-    compile: bool | None = field(default=None, metadata={"help": "sample with the compiled static-cache decode "
-                                                          "step (default: on with CUDA, off on CPU)"})
+    compile: bool | None = field(default=None, metadata={"help": "true | false: sample with the compiled static "
+                                                          "KV-cache decode step (default: true with CUDA)"})
 
 
 def resolve_think(args: Args, ckpt: str) -> bool:

@@ -116,8 +116,8 @@ class Args:
                                                              "args.json) and start over"})
     stop_after: int = field(default=0, metadata={"help": "save and stop after this many steps (0: off)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-    compile: bool | None = field(default=None, metadata={"help": "sample with the compiled static-cache decode "
-                                                          "step (default: on with CUDA, off on CPU)"})
+    compile: bool | None = field(default=None, metadata={"help": "true | false: sample with the compiled static "
+                                                          "KV-cache decode step (default: true with CUDA)"})
 
 
 # ----------------------------------------------------------------------------------------------------------

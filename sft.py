@@ -97,8 +97,8 @@ class Args:
     stop_after: int = field(default=0, metadata={"help": "save and stop after this many steps of this "
                                                          "invocation (split a long run into jobs; 0: off)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-    compile: bool | None = field(default=None, metadata={"help": "sample with the compiled static-cache decode "
-                                                          "step (default: on with CUDA, off on CPU)"})
+    compile: bool | None = field(default=None, metadata={"help": "true | false: sample with the compiled static "
+                                                          "KV-cache decode step (default: true with CUDA)"})
 
 
 def check_args(args: Args):
