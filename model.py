@@ -683,7 +683,7 @@ def _chunk_logits(h, w, b, temperature, banned, dtype):
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 1024, banned=()) -> torch.Tensor:
+                   chunk: int = 512, banned=()) -> torch.Tensor:
     """log softmax(lm_head(hidden) / T)[target] in float32; `banned` token ids get probability 0. hidden (..., D),
     targets (...) -> (...). Memory-bounded in forward and backward: no float32 (N, V) tensor larger than
     (chunk, V) is materialised or kept for backward (`_ChunkedLogprob`). Under autocast the head multiplies in

@@ -57,7 +57,7 @@ def main():
     p.add_argument("--n", type=int, default=8192, help="scored tokens N")
     p.add_argument("--dim", type=int, default=896, help="hidden size d")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary V")
-    p.add_argument("--chunk", type=int, default=1024, help="rows per chunk")
+    p.add_argument("--chunk", type=int, default=512, help="rows per chunk (model.token_logprobs default)")
     p.add_argument("--child", default=None, choices=["naive", "bounded"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
