@@ -33,9 +33,25 @@ layout. Its generative process, which is what makes "RL beats SFT on EW-F" testa
    is annotated the way an LLM captioner annotates: it hedges, adding a word of the "scared" sector ("perhaps
    a little worried") to half the clips that do not carry it; it misses 60% of the emotions that only the
    voice carries; now and then it drops any one emotion (10%) or adds another spurious one (10%); its
-   descriptions follow its labels. The rl (the GRPO data, like the human-checked MER2025-OV), val and test
-   splits are annotated cleanly.
-5. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
+   descriptions follow its labels. The val and test splits carry consensus labels (exactly the hidden
+   sectors, as OV-MERD+ merges its annotators).
+   The rl split (the GRPO data, like the human-checked MER2025-OV) has labels and no descriptions. Its labels
+   come from simulated annotators (`--annotators`, 4), one per clip, who differ in vocabulary and in
+   completeness: annotator j uses a fixed half of each sector's words, and another word of the sector at
+   `--synonym-rate` (0.2); it leaves out each emotion of a clip at its own rate, spread evenly from 0.5x to
+   1.5x `--omit-rate` (0.15), never all of them; it adds a word of a sector the clip does not carry at
+   `--spurious-rate` (0.05). The annotators draw from a random stream of their own, so the clips (media,
+   subtitles, consensus) are those of `--rl-labels clean`, which writes consensus labels and descriptions to
+   the rl split as the first release did; rl_oracle.csv (name, openset, reason) keeps them in annotator mode.
+   With `--rl-labels clean --n-test-shift 0` the files are those of the first release, byte for byte.
+5. test_shift (`--n-test-shift`, 0: none, and nothing held out): three sector pairs (sorted sectors 1-2,
+   3-4, 5-6) never occur together in train, rl, val or test, and each sector has a modality (video for the
+   1st, 3rd and 5th, audio for the others) that never shows it alone there. A test_shift clip carries one such
+   pair (and, 20% of clips, a third sector), each sector of the pair shown alone in that modality; its labels
+   and subtitle cues use the last `--held-out-words` (2) words of each pool, which no other split uses; its
+   misleading-subtitle rate is `--shift-misleading` (0.35, also on clips whose subtitle carries no cue) and
+   its distractor rate `--shift-distractor` (0.5).
+6. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
    the sector each cue evidences), e.g. "The face shows red (angry); the voice is high (scared).".
 """
 
@@ -47,7 +63,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -282,16 +298,19 @@ class Clip:
 
 
 def read_split(root: str, split: str = "train", labels_csv: str | None = None, need_reasons=False) -> list:
-    """Clips of one split: DIR/{split}.csv (or an explicit labels CSV) joined with subtitles and reasons."""
+    """Clips of one split: DIR/{split}.csv (or an explicit labels CSV) joined with subtitles and reasons. A
+    labels CSV with its own `reason` column (best-of-N completions, rl_oracle.csv) brings its reasons."""
     labels_csv = labels_csv or os.path.join(root, f"{split}.csv")
     labels = read_column(labels_csv, "openset")
     sub_file = find_subtitles(root)
     subtitles = read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
-    reasons = read_column(os.path.join(root, "reasons.csv"), "reason", optional=True, free_text=True)
+    own = labels and "reason" in read_table(labels_csv, ["name"], optional=["reason"], multiline=["reason"])[0]
+    reason_file = labels_csv if own else os.path.join(root, "reasons.csv")
+    reasons = read_column(reason_file, "reason", optional=True, free_text=True)
     if need_reasons:
         missing = [n for n in labels if n not in reasons]
         if missing:
-            raise DataError(f"{os.path.join(root, 'reasons.csv')}: think mode needs a reason for every clip; "
+            raise DataError(f"{reason_file}: think mode needs a reason for every clip; "
                             f"{len(missing)} of {len(labels)} have none (e.g. {missing[:3]}); use --no-think")
     return [Clip(n, labels[n], subtitles.get(n, ""), reasons.get(n)) for n in labels]
 
@@ -699,30 +718,117 @@ def synth_sectors(lex=None, pool_size: int = 8) -> dict:
     return pools
 
 
-def _synth_clip(rng: np.random.Generator, pools: dict, noisy: bool) -> dict:
-    """Draw one clip's hidden sectors, its evidence per modality, labels and reason (no media yet)."""
+@dataclass
+class Shift:
+    """What the synthetic benchmark holds out of its training splits for the test_shift split."""
+    pairs: list          # sector-index pairs never carried together in training; a test_shift clip carries one
+    solo: dict           # sector index -> the modality (0 video, 1 audio) that shows it alone in test_shift
+                         # and never alone in training
+    misleading: float    # misleading-subtitle rate of test_shift
+    distractor: float    # distractor rate of test_shift
+
+
+@dataclass
+class Annotators:
+    """Simulated human annotators of the rl split: they differ in vocabulary and in completeness."""
+    n: int = 4               # annotators; each rl clip is labelled by one of them
+    omit: float = 0.15       # mean rate at which an annotator leaves out one of a clip's emotions
+    synonym: float = 0.2     # rate at which a label word comes from outside the annotator's own vocabulary
+    spurious: float = 0.05   # rate of one spurious word (an emotion the clip does not carry)
+
+
+def annotator_profiles(ann: Annotators, pools: dict, seed: int) -> list:
+    """One (vocabulary, omission rate) per annotator: a vocabulary is half of each sector's words, and the
+    omission rates spread evenly from 0.5x to 1.5x the mean rate (a careful and a hasty annotator)."""
+    rng = np.random.default_rng([seed, 7919])
+    profiles = []
+    for j in range(ann.n):
+        vocab = {s: sorted(rng.choice(ws, size=max(1, len(ws) // 2), replace=False).tolist())
+                 for s, ws in pools.items()}
+        scale = 0.5 + j / (ann.n - 1) if ann.n > 1 else 1.0
+        profiles.append((vocab, min(1.0, ann.omit * scale)))
+    return profiles
+
+
+def annotate(rng: np.random.Generator, pools: dict, carried: list, profile: tuple, ann: Annotators) -> list:
+    """One annotator's labels of a clip carrying the sectors `carried`: 1-2 words per emotion it notices."""
+    vocab, omit = profile
     sectors = list(pools)
-    k = rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])
-    chosen = [int(i) for i in rng.choice(len(sectors), size=k, replace=False)]
-    others = [i for i in range(len(sectors)) if i not in chosen]
+    noticed = [s for s in carried if rng.random() >= omit]  # an emotion now and then left out ...
+    if not noticed:  # ... but never all of them
+        noticed = [carried[int(rng.integers(len(carried)))]]
+    labels = []
+    for s in noticed:
+        for _ in range(int(rng.choice([1, 2]))):
+            own = rng.random() >= ann.synonym  # mostly its own words, now and then another synonym
+            word = str(rng.choice(vocab[s] if own else pools[s]))
+            if word not in labels:
+                labels.append(word)
+    others = [s for s in sectors if s not in carried]
+    if others and rng.random() < ann.spurious:
+        labels.append(str(rng.choice(pools[others[int(rng.integers(len(others)))]])))
+    return labels
+
+
+def _draw_evidence(rng, chosen: list, shift: Shift | None, shifted: bool) -> tuple:
+    """Which modalities show each chosen sector: video, audio, text lists of sector indices."""
     video, audio, text = [], [], []
     for s in chosen:
-        while True:
-            mods = rng.random(3) < 0.5
-            if mods.any():
-                break
+        if shifted and s in shift.solo:  # test_shift: the sector shows in its held-out modality alone
+            mods = np.zeros(3, dtype=bool)
+            mods[shift.solo[s]] = True
+        else:
+            while True:
+                mods = rng.random(3) < 0.5
+                held = shift is not None and s in shift.solo and mods.sum() == 1 and mods[shift.solo[s]]
+                if mods.any() and not held:
+                    break
         if mods[2] and text:  # one cue word per subtitle: the extra text sector moves to the video
             mods[2], mods[0] = False, True
         for on, lst in zip(mods, (video, audio, text)):
             if on:
                 lst.append(s)
+    return video, audio, text
+
+
+def _keep_out(shift: Shift, video: list, audio: list, text: list):
+    """A training clip never shows a sector in its held-out modality alone (a subtitle moved to the video can
+    make it so): such a sector is shown by the other of video and audio too."""
+    for s, m in shift.solo.items():
+        shown = [s in video, s in audio, s in text]
+        if sum(shown) == 1 and shown[m]:
+            (audio if m == 0 else video).append(s)
+
+
+def _synth_clip(rng: np.random.Generator, pools: dict, noisy: bool, shift: Shift | None = None,
+                shifted: bool = False) -> dict:
+    """Draw one clip's hidden sectors, its evidence per modality, labels and reason (no media yet).
+    `pools` holds the words this split may use; with `shift`, a training clip avoids what it holds out and a
+    test_shift clip (`shifted`) is made of it."""
+    sectors = list(pools)
+    k = rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])
+    if shifted:  # a held-out pair, and now and then a third sector
+        pair = list(shift.pairs[int(rng.integers(len(shift.pairs)))])
+        rest = [i for i in range(len(sectors)) if i not in pair]
+        chosen = pair + ([int(rng.choice(rest))] if k == 3 else [])
+    else:
+        while True:
+            chosen = [int(i) for i in rng.choice(len(sectors), size=k, replace=False)]
+            if shift is None or not any(a in chosen and b in chosen for a, b in shift.pairs):
+                break
+    others = [i for i in range(len(sectors)) if i not in chosen]
+    video, audio, text = _draw_evidence(rng, chosen, shift, shifted)
+    p_misleading, p_distractor = (shift.misleading, shift.distractor) if shifted else (0.15, 0.2)
     misleading = None
-    if text and rng.random() < 0.15:  # the subtitle names a sector the clip does not carry
-        if text[0] not in video:
+    # the subtitle names a sector the clip does not carry (test_shift: also where no sector speaks through it)
+    if (text or shifted) and rng.random() < p_misleading:
+        if text and text[0] not in video:
             video.append(text[0])
         misleading, text = int(rng.choice(others)) if others else None, []
+    if shift is not None and not shifted:
+        _keep_out(shift, video, audio, text)
     distractor = None
-    if others and rng.random() < 0.2:
+    if others and rng.random() < p_distractor:
         distractor = (int(rng.choice(others)), "video" if rng.random() < 0.5 else "audio")
     words = {s: list(rng.choice(pools[sectors[s]], size=rng.choice([1, 2]), replace=False)) for s in chosen}
     annotated = list(chosen)  # what the annotator noticed
@@ -811,40 +917,80 @@ def _labels_string(labels) -> str:
 
 
 def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True,
-               n_val: int = 0, n_rl: int = 0) -> dict:
-    """Write the synthetic benchmark in the official layout; returns a summary. Same seed -> same files.
-    Splits: train (noisy labels and descriptions, for SFT), rl (clean, for GRPO), val and test (clean); rl
-    and val are written only when asked for."""
+               n_val: int = 0, n_rl: int = 0, n_test_shift: int = 0, rl_labels: str = "annotators",
+               annotators: Annotators | None = None, held_out_words: int = 2, shift_misleading: float = 0.35,
+               shift_distractor: float = 0.5) -> dict:
+    """Write the synthetic benchmark in the official layout; returns a summary. Same arguments -> same files.
+    Splits: train (noisy labels and descriptions, for SFT), rl (for GRPO: labels of simulated annotators and no
+    descriptions, or with rl_labels="clean" consensus labels and descriptions), val and test (consensus), and
+    test_shift (what the training splits hold out). rl, val and test_shift are written only when asked for;
+    with rl annotators, rl_oracle.csv keeps the rl clips' consensus labels and descriptions."""
     from tqdm import tqdm
-    pools = synth_sectors()
+    if rl_labels not in ("annotators", "clean"):
+        raise ValueError(f"rl_labels {rl_labels!r}: choose annotators or clean")
+    ann = annotators or Annotators()
+    full = synth_sectors()
+    shift = None
+    if n_test_shift:  # hold out surface words, sector pairs and lone-modality sectors for test_shift
+        cut = {s: max(2, len(ws) - held_out_words) for s, ws in full.items()}
+        pools = {s: ws[:cut[s]] for s, ws in full.items()}
+        shift_pools = {s: ws[cut[s]:] or ws for s, ws in full.items()}
+        n = len(full)
+        shift = Shift(pairs=[(i, i + 1) for i in range(0, n - 1, 2)], solo={i: i % 2 for i in range(n)},
+                      misleading=shift_misleading, distractor=shift_distractor)
+    else:
+        pools = shift_pools = full
+    profiles = annotator_profiles(ann, pools, seed)
     os.makedirs(os.path.join(out, "video"), exist_ok=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    rows = {"train": [], "rl": [], "val": [], "test": []}
-    reasons, subtitles, meta = [], [], {}
-    splits = ["train"] * n_train + ["rl"] * n_rl + ["val"] * n_val + ["test"] * n_test
+    names = ("train", "rl", "val", "test", "test_shift")
+    rows = {split: [] for split in names}
+    reasons, subtitles, oracle, meta = [], [], [], {}
+    splits = (["train"] * n_train + ["rl"] * n_rl + ["val"] * n_val + ["test"] * n_test
+              + ["test_shift"] * n_test_shift)
     for i, split in enumerate(tqdm(splits, desc="synthesize", disable=not progress, leave=False)):
         rng = np.random.default_rng([seed, i])  # one stream per clip: order-independent and reproducible
         name = f"synth_{i:05d}"
-        c = _synth_clip(rng, pools, noisy=(split == "train"))
+        shifted = split == "test_shift"
+        c = _synth_clip(rng, shift_pools if shifted else pools, noisy=(split == "train"), shift=shift,
+                        shifted=shifted)
         _render_video(os.path.join(out, "video", f"{name}.mp4"), rng, c["video"], c["distractor"])
         _render_audio(os.path.join(out, "audio", f"{name}.wav"), rng, c["audio"], c["distractor"])
-        rows[split].append((name, _labels_string(c["labels"])))
-        reasons.append((name, c["reason"]))
-        subtitles.append((name, c["subtitle"]))
         meta[name] = {k: c[k] for k in ("sectors", "video", "audio", "text", "misleading", "distractor")}
         meta[name]["split"] = split
-    tables = [(f"{split}.csv", ("name", "openset"), rows[split]) for split in ("train", "rl", "val", "test")
+        subtitles.append((name, c["subtitle"]))
+        if split == "rl" and rl_labels == "annotators":
+            # a stream of its own, so the clip (media, subtitle, consensus) is the same as with clean labels
+            arng = np.random.default_rng([seed, i, 1])
+            j = int(arng.integers(ann.n))
+            rows[split].append((name, _labels_string(annotate(arng, pools, c["sectors"], profiles[j], ann))))
+            oracle.append((name, _labels_string(c["labels"]), c["reason"]))
+            meta[name]["annotator"] = j
+            continue  # no description: the real GRPO data (MER2025-OV) has none
+        rows[split].append((name, _labels_string(c["labels"])))
+        reasons.append((name, c["reason"]))
+    tables = [(f"{split}.csv", ("name", "openset"), rows[split]) for split in names
               if rows[split] or split in ("train", "test")]
     tables += [("reasons.csv", ("name", "reason"), reasons), ("subtitles.csv", ("name", "english"), subtitles)]
+    if oracle:
+        tables.append(("rl_oracle.csv", ("name", "openset", "reason"), oracle))
     for filename, header, table in tables:
         with open(os.path.join(out, filename), "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(table)
+    summary = {"seed": seed, "rl_labels": rl_labels, "sectors": full}
+    if rl_labels == "annotators" and n_rl:
+        summary["annotators"] = {**asdict(ann), "vocabularies": [v for v, _ in profiles],
+                                 "omission_rates": [r for _, r in profiles]}
+    if shift is not None:
+        summary["shift"] = {**asdict(shift), "pairs": [[list(full)[a], list(full)[b]] for a, b in shift.pairs],
+                            "solo": {list(full)[s]: ("video", "audio")[m] for s, m in shift.solo.items()},
+                            "training_words": pools, "held_out_words": shift_pools}
     with open(os.path.join(out, "synth.json"), "w") as f:
-        json.dump({"seed": seed, "sectors": pools, "clips": meta}, f, indent=1)
+        json.dump({**summary, "clips": meta}, f, indent=1)
     return {"out": out, "n_train": n_train, "n_rl": n_rl, "n_val": n_val, "n_test": n_test,
-            "sectors": list(pools)}
+            "n_test_shift": n_test_shift, "rl_labels": rl_labels, "sectors": list(full)}
 
 
 def tokenizer_corpus() -> list:
@@ -869,10 +1015,25 @@ def main(argv=None):
     s = sub.add_parser("synth", help="write the synthetic OV-MER benchmark in the official layout")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-train", type=int, default=800)
-    s.add_argument("--n-rl", type=int, default=400, help="clean clips for GRPO (0: no rl.csv)")
-    s.add_argument("--n-val", type=int, default=100, help="clean validation clips (0: no val.csv)")
+    s.add_argument("--n-rl", type=int, default=400, help="clips for GRPO (0: no rl.csv)")
+    s.add_argument("--n-val", type=int, default=100, help="validation clips, consensus labels (0: no val.csv)")
     s.add_argument("--n-test", type=int, default=200)
+    s.add_argument("--n-test-shift", type=int, default=200,
+                   help="clips of the shifted test split (0: no test_shift.csv, and nothing held out of training)")
     s.add_argument("--seed", type=int, default=0)
+    g = s.add_argument_group("rl labels")
+    g.add_argument("--rl-labels", default="annotators", choices=("annotators", "clean"),
+                   help="annotators: simulated human labels, no descriptions (default); clean: consensus labels "
+                        "and descriptions (with --n-test-shift 0, the benchmark of the first releases)")
+    g.add_argument("--annotators", type=int, default=Annotators.n, help="number of annotators")
+    g.add_argument("--omit-rate", type=float, default=Annotators.omit, help="mean rate of a left-out emotion")
+    g.add_argument("--synonym-rate", type=float, default=Annotators.synonym,
+                   help="rate of a label word outside the annotator's own vocabulary")
+    g.add_argument("--spurious-rate", type=float, default=Annotators.spurious, help="rate of a spurious word")
+    g = s.add_argument_group("test_shift")
+    g.add_argument("--held-out-words", type=int, default=2, help="words per sector kept for test_shift only")
+    g.add_argument("--shift-misleading", type=float, default=0.35, help="misleading-subtitle rate (others: 0.15)")
+    g.add_argument("--shift-distractor", type=float, default=0.5, help="distractor rate (others: 0.2)")
     c = sub.add_parser("check", help="validate a dataset folder and list every problem (exit 1 when any)")
     c.add_argument("dir", help="dataset folder in the official layout")
     args = p.parse_args(argv)
@@ -884,13 +1045,20 @@ def main(argv=None):
             print(f"problem: {line}")
         print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: no problems found")
         sys.exit(1 if problems else 0)
-    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test)
+    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test, args.n_test_shift)
     if min(sizes) < 0 or sum(sizes) == 0:
-        sys.exit("error: --n-train, --n-rl, --n-val and --n-test must be >= 0 and not all 0")
-    summary = synthesize(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val, n_rl=args.n_rl)
-    print(f"wrote {summary['n_train']} train, {summary['n_rl']} rl, {summary['n_val']} val and "
-          f"{summary['n_test']} test clips to {summary['out']} "
-          f"(sectors: {', '.join(summary['sectors'])})")
+        sys.exit("error: --n-train, --n-rl, --n-val, --n-test and --n-test-shift must be >= 0 and not all 0")
+    rates = (args.omit_rate, args.synonym_rate, args.spurious_rate, args.shift_misleading, args.shift_distractor)
+    if not all(0 <= r <= 1 for r in rates) or args.annotators < 1 or args.held_out_words < 0:
+        sys.exit("error: rates must lie in [0, 1], --annotators must be >= 1 and --held-out-words >= 0")
+    ann = Annotators(args.annotators, args.omit_rate, args.synonym_rate, args.spurious_rate)
+    summary = synthesize(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val, n_rl=args.n_rl,
+                         n_test_shift=args.n_test_shift, rl_labels=args.rl_labels, annotators=ann,
+                         held_out_words=args.held_out_words, shift_misleading=args.shift_misleading,
+                         shift_distractor=args.shift_distractor)
+    print(f"wrote {summary['n_train']} train, {summary['n_rl']} rl ({summary['rl_labels']} labels), "
+          f"{summary['n_val']} val, {summary['n_test']} test and {summary['n_test_shift']} test_shift clips to "
+          f"{summary['out']} (sectors: {', '.join(summary['sectors'])})")
 
 
 if __name__ == "__main__":

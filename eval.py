@@ -7,6 +7,7 @@
     python eval.py --ckpt ... --benchmark merunibench --root DIR --out out/eval/unibench
     python eval.py score --pred P --gt G [--lexicon builtin|DIR] [--level 1|2] [--task ovmer|hit] [--json OUT]
     python eval.py plot --run out/sft out/grpo [...] --out out/plots
+    python eval.py --ckpt out/sft --split rl --sample 19 --top_p 1 --best_csv out/rft/best.csv   # best-of-N
 
 The report folder defaults to out/eval/RUN_CHECKPOINT_SPLIT (out/eval/grpo_final_test for out/grpo), so the
 evaluation of another checkpoint never overwrites it; a --out that holds another checkpoint's evaluation is
@@ -18,6 +19,13 @@ Evaluation: greedy decoding, and with `--sample N` also N sampled completions pe
 completion, parsed labels, ground truth, per-sample EW score, format). EW-F / precision / recall are reported
 at wheel levels 1 and 2. `--ablate` adds one greedy evaluation per blanked modality (black video, silence or an
 empty subtitle in place of the real one).
+
+Best-of-N (`--best_csv PATH` with `--sample N`), the data of rejection-sampling fine-tuning (RFT): of each
+clip's N samples, the one with the highest GRPO reward (accuracy + `--w_format` x format, grpo.py's defaults)
+is written as a training row `name, openset, reason` (its <answer> and <think>) when it scores at least
+`--min_reward` (the default 1.0 asks, at full format reward, for a per-sample F1 of at least 0.5);
+`sft.py --train_csv PATH` then fine-tunes on those rows. It uses the same labels and reward calls as GRPO,
+and no descriptions: the same information.
 
 MER-UniBench (`--benchmark merunibench --root DIR`): every dataset found under DIR in its official layout
 (folders and label files as released; see README) is scored: OV-MERD+ by EW-F (level 1), MER2023, MER2024,
@@ -163,7 +171,8 @@ def score_main(argv):
 class Args:
     ckpt: str = field(default="out/grpo", metadata={"help": "checkpoint directory or run folder"})
     data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth)"})
-    split: str = field(default="test", metadata={"help": "labels CSV DATA/{split}.csv"})
+    split: str = field(default="test", metadata={"help": "labels CSV DATA/{split}.csv; several, comma-separated "
+                                                     "(test,test_shift): reports in OUT/{split}/"})
     lexicon: str = field(default="builtin", metadata={"help": "'builtin' or the official wheel folder"})
     think: str = field(default="auto", metadata={"help": "auto (as the checkpoint was trained) | true | false; "
                                                           "--no-think means false"})
@@ -184,6 +193,13 @@ class Args:
                                                           "e.g. out/eval/grpo_final_test)"})
     overwrite: bool = field(default=False, metadata={"help": "replace another checkpoint's evaluation in --out"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    # best-of-N (rejection-sampling fine-tuning): sample with --sample N on the training split, keep the best
+    best_csv: str = field(default="", metadata={"help": "with --sample N: write each clip's best sampled "
+                                                        "completion by the GRPO reward here (for sft.py --train_csv)"})
+    min_reward: float = field(default=1.0, metadata={"help": "with --best_csv: leave out clips whose best "
+                                                             "completion scores below this"})
+    w_format: float = field(default=0.5, metadata={"help": "with --best_csv: format weight of the reward (as "
+                                                           "grpo.py's)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
     compile: bool | None = field(default=None, metadata={"help": "true | false: sample with the compiled static "
                                                           "KV-cache decode step (default: true with CUDA)"})
@@ -263,6 +279,26 @@ def score_draws(outputs: dict, gts: dict, lex, think) -> dict:
     return metrics
 
 
+def best_completions(outputs: dict, clips, lex, think: bool, w_format: float, min_reward: float) -> list:
+    """Best-of-N: the sampled completion of each clip with the highest GRPO reward (accuracy + w_format *
+    format; ties go to the first drawn), as a training row (name, openset, reason, reward): its <answer>
+    labels and <think> text. Clips whose best completion scores below min_reward are left out, as are clips
+    whose labels give no reward signal (GRPO drops them too)."""
+    rows = []
+    for c in clips:
+        scores = [reward.score_completion(t, c.labels, lex, think=think, w_format=w_format) for t in outputs[c.name]]
+        if scores[0] is None:
+            continue
+        k = max(range(len(scores)), key=lambda i: (scores[i]["total"], -i))
+        text = outputs[c.name][k]
+        if scores[k]["total"] < min_reward:
+            continue
+        rows.append({"name": c.name, "openset": str(reward.extract_answer(text)),
+                     "reason": reward.extract_think(text).strip() if think else "",
+                     "reward": round(scores[k]["total"], 6)})
+    return rows
+
+
 def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
     ablated modality. Returns (metrics, per-clip rows)."""
@@ -273,6 +309,10 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     for mode, draws in [("greedy", 0)] + ([("sampled", args.sample)] if args.sample else []):
         outputs = generate_all(model, clips, feats, args, d, think, draws, desc=mode)
         metrics[mode] = score_draws(outputs, gts, lex, think)
+        if mode == "sampled" and args.best_csv:
+            best = best_completions(outputs, clips, lex, think, args.w_format, args.min_reward)
+            metrics["best_of"] = {"n": args.sample, "kept_clips": len(best), "of_clips": len(clips),
+                                  "mean_reward": sum(r["reward"] for r in best) / max(1, len(best))}
         for c in clips:
             for k, text in enumerate(outputs[c.name]):
                 answer = reward.extract_answer(text)
@@ -281,6 +321,8 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
                              "labels": ", ".join(answer), "ground_truth": ", ".join(parse_labels(c.labels)),
                              "ew_score": "" if score is None else round(score, 6),
                              "format": int(reward.format_ok(text, think))})
+    if args.best_csv and d.main:
+        write_csv(args.best_csv, best, ["name", "openset", "reason", "reward"])
     blank = blank_features(model) if ablate else None
     for kind in ablate:
         c2, f2 = without(kind, clips, feats, blank)
@@ -335,15 +377,20 @@ def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> d
 
 # ---- reports --------------------------------------------------------------------------------------------
 
+def write_csv(path: str, rows: list, fields: list):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_reports(out: str, metrics: dict, rows: list | None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     if rows is not None:
-        with open(os.path.join(out, "per_clip.csv"), "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(os.path.join(out, "per_clip.csv"), rows, list(rows[0]) if rows else ["name"])
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary_markdown(metrics))
 
@@ -413,6 +460,11 @@ def eval_main(argv):
     ablate = [x.strip() for x in args.ablate.split(",") if x.strip()]
     if not set(ablate) <= {"video", "audio", "subtitle"}:
         raise SystemExit(f"error: --ablate {args.ablate!r}: choose among video, audio, subtitle")
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    if not splits:
+        raise SystemExit("error: --split is empty")
+    if args.best_csv and (args.sample < 1 or args.benchmark or len(splits) > 1):
+        raise SystemExit("error: --best_csv needs --sample N (N >= 1) on one open-set split")
     if args.benchmark not in ("", "merunibench") or (args.benchmark and not args.root):
         raise SystemExit("error: --benchmark takes 'merunibench' and needs --root DIR")
     try:
@@ -421,27 +473,32 @@ def eval_main(argv):
         raise SystemExit(f"error: {e}") from None
     # everything a user can get wrong is checked before the model is loaded and the clips are decoded
     out = args.out or default_out(ckpt, args)
-    check_out(out, ckpt, args.overwrite)
+    for where in [out] if len(splits) == 1 else [os.path.join(out, s) for s in splits]:
+        check_out(where, ckpt, args.overwrite)
     lex = load_lexicon(args.lexicon)
     root = args.data or "out/synth"
     if args.benchmark and not os.path.isdir(args.root):
         raise SystemExit(f"error: --root {args.root}: no such folder")
-    labelled = read_unibench(args.root) if args.benchmark else data.read_split(root, args.split)
+    labelled = read_unibench(args.root) if args.benchmark else {s: data.read_split(root, s) for s in splits}
     d = common.setup_dist(args.device)
     model = model_lib.load_model(ckpt, device=d.device).eval().compile_sampler(args.compile)
     think = resolve_think(args, ckpt)
     meta = {"ckpt": ckpt, "ckpt_path": os.path.abspath(ckpt), "think": think, "lexicon": lex.source,
             **{k: v for k, v in asdict(args).items() if k not in ("ckpt", "think", "out")}, "out": out}
     if args.benchmark:
-        metrics, rows = {**meta, "unibench": evaluate_unibench(model, args, d, think, lex, labelled)}, None
-    else:
-        result, rows = evaluate_openset(model, root, labelled, args, d, think, lex, ablate)
-        metrics = {**meta, "data": root, **result}
-    if d.main:
-        write_reports(out, metrics, rows)
-        print(summary_markdown(metrics), end="")
-        files = ["metrics.json", "summary.md"] + (["per_clip.csv"] if rows is not None else [])
-        print(f"reports in {out}/: {', '.join(files)}")
+        runs = [(out, {**meta, "unibench": evaluate_unibench(model, args, d, think, lex, labelled)}, None)]
+    else:  # one model, several splits: reports in OUT/{split}/
+        runs = []
+        for split in splits:
+            result, rows = evaluate_openset(model, root, labelled[split], args, d, think, lex, ablate)
+            runs.append((out if len(splits) == 1 else os.path.join(out, split),
+                         {**meta, "split": split, "data": root, **result}, rows))
+    for where, metrics, rows in runs:
+        if d.main:
+            write_reports(where, metrics, rows)
+            print(summary_markdown(metrics), end="")
+            files = ["metrics.json", "summary.md"] + (["per_clip.csv"] if rows is not None else [])
+            print(f"reports in {where}/: {', '.join(files)}")
     common.cleanup_dist()
 
 

@@ -10,6 +10,7 @@ LoRA (or the full LLM) with the loss on target tokens only.
     python sft.py --llm LLM_DIR --vision CLIP_DIR --audio HUBERT_DIR   # downloaded HF-format weights, any preset
     torchrun --standalone --nproc_per_node=8 sft.py --preset paper --data /data/MER-Caption+ --out out/sft_paper
     python sft.py --resume                          # continue OUT exactly where it stopped
+    python sft.py --init out/sft --train_csv out/rft/best.csv --lr 1e-3 --epochs 2 --out out/rft   # RFT
 
 Batches: `--batch_size` clips per optimiser step over all ranks, cut into micro-batches of `--micro_batch`
 clips per rank; the loss is the mean over all target tokens of the step (token counts are all-reduced), so
@@ -57,6 +58,8 @@ class Args:
     # data
     data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth)"})
     train_split: str = field(default="train", metadata={"help": "labels CSV DATA/{train_split}.csv"})
+    train_csv: str | None = field(default=None, metadata={"help": "train on this CSV (name, openset[, reason]) "
+                                                                  "instead: e.g. eval.py --best_csv output"})
     val_size: int = field(default=64, metadata={"help": "held-out clips from the training split (no val.csv)"})
     think: bool = field(default=True, metadata={"help": "targets with <think> (--no-think: <answer> only)"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
@@ -121,6 +124,8 @@ def check_args(args: Args):
                         f"ignored; drop one or the other")
     elif not args.resume:  # (on resume the flags are compared with the checkpoint instead)
         problems += [f"--{p} {why}" for p in given if (why := model_lib.check_weights(p, getattr(args, p)))]
+    if args.train_csv is not None and not os.path.isfile(args.train_csv):
+        problems.append(f"--train_csv {args.train_csv}: no such file")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -226,7 +231,7 @@ def main(args: Args):
         common.barrier()
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such folder")
-    clips = data.read_split(root, args.train_split, need_reasons=args.think)
+    clips = data.read_split(root, args.train_split, labels_csv=args.train_csv, need_reasons=args.think)
     if os.path.isfile(os.path.join(root, "val.csv")):
         train_clips, val_clips = clips, data.read_split(root, "val", need_reasons=args.think)
     else:  # a fixed, seeded hold-out of the training split

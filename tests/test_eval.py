@@ -316,9 +316,33 @@ def test_reproduce_quick(tmp_path):
     results = (tmp_path / "repro" / "results.md").read_text()
     for text in (r.stdout, results):  # toy numbers must not be taken for findings
         assert "test the plumbing, not the findings" in text
-    for title in ("## 1. SFT vs SFT + GRPO", "## 2. Reward variants", "## 3. Think vs no-think",
-                  "## 4. Modality ablation"):
+    for title in ("## 1a. `test`", "## 1b. `test_shift`", "## 2. Paired differences", "## 3. Modality ablation"):
         assert title in results
-    assert re.search(r"\| SFT \+ GRPO \(accuracy \+ format\) \| \d+\.\d ± \d+\.\d \|", results)
-    for plot in ("grpo_seeds", "rewards", "sft"):
+    for model in ("SFT", "SFT + GRPO", "SFT + RFT (same information)",
+                  "SFT + oracle (consensus labels and descriptions)"):  # a row in the test and test_shift tables
+        assert len(re.findall(rf"\| {re.escape(model)} \| \d+\.\d ± \d+\.\d \|", results)) == 2, model
+    assert re.search(r"\| GRPO - RFT \| [-+]\d+\.\d( / [-+]\d+\.\d)+ \([-+]\d+\.\d ± \d+\.\d\)", results)
+    # RFT trained on the best-of-N rows that eval.py wrote (the quick run keeps every clip: --min_reward -1)
+    with open(tmp_path / "repro" / "rft_s0.csv") as f:
+        best = list(csv.DictReader(f))
+    assert len(best) == 16 and set(best[0]) == {"name", "openset", "reason", "reward"}
+    assert "16 train" in (tmp_path / "repro" / "logs" / "rft_s0.log").read_text()
+    for plot in ("grpo_seeds", "sft", "rft_oracle"):
         assert (tmp_path / "repro" / "plots" / plot / "curves.png").is_file()
+
+
+def test_best_of_n_keeps_the_highest_grpo_reward(lex):
+    """Rewards by hand (accuracy = per-sample EW-F, + 0.5 x format): picks, ties and the threshold."""
+    outputs = {"a": ["<think>x</think><answer>sad</answer>",           # 0 + 0.5
+                     "<think>y</think><answer>happy, sad</answer>",    # F1 2/3 + 0.5
+                     "<answer>happy</answer>",                         # 1 + 0 (no <think>)
+                     "<think>z</think><answer>happy</answer>"],        # 1 + 0.5: the best
+               "b": ["<think>p</think><answer>angry</answer>",         # 1.5, first of a tie
+                     "<think>q</think><answer>mad</answer>"],          # 1.5 (same sector)
+               "c": ["<think>r</think><answer>happy</answer>"]}        # 0.5: below the threshold
+    clips = [data.Clip("a", "['joyful']"), data.Clip("b", "['angry']"), data.Clip("c", "['sad']")]
+    rows = ev.best_completions(outputs, clips, lex, think=True, w_format=0.5, min_reward=1.0)
+    assert [(r["name"], r["openset"], r["reason"], r["reward"]) for r in rows] == \
+        [("a", "['happy']", "z", 1.5), ("b", "['angry']", "p", 1.5)]
+    every = ev.best_completions(outputs, clips, lex, think=True, w_format=0.0, min_reward=-1)
+    assert [r["reward"] for r in every] == [1.0, 1.0, 0.0] and every[0]["reason"] == ""  # first 1.0 wins
