@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # reproduce.sh: the papers' findings in miniature, on the synthetic OV-MER benchmark, on a CPU.
 #
-#   bash reproduce.sh             # the full run: about 15-20 minutes on 2 CPU cores (README, "Results")
+#   bash reproduce.sh             # the full run: about 12 minutes on 2 idle CPU cores (README, "Results")
 #   bash reproduce.sh --quick     # the same steps at toy sizes, in a few minutes (the smoke test runs it)
 #   bash reproduce.sh --medium    # half the clips and steps (the same samples per clip): a busy machine
-#   options: --out DIR (default out/repro; an earlier run there is replaced), --jobs 1|2|3 (parallel pipelines;
-#            3: one per seed and, after SFT, one per branch: for a machine shared with other work)
+#   options: --out DIR (default out/repro; an earlier run there is replaced), --jobs N (steps run at once;
+#            default: one per CPU core, as each process uses one thread)
 #
 # Steps: synthesize the benchmark (rl labels from simulated annotators, no rl descriptions, and a shifted test
 # split); for seeds 0, 1, 2: SFT; SFT + GRPO; SFT + RFT (best-of-N by the GRPO reward on the same rl labels,
@@ -13,12 +13,13 @@
 # rl split's consensus labels and descriptions (an oracle: information the real data lacks); each evaluated
 # on test and test_shift, greedy and sampled. Then a modality ablation of seed 0, OUT/results.md (the tables)
 # and OUT/plots/*.png. Every evaluation is of the checkpoint each
-# run ends with (never chosen by a test score). Each process uses one thread; two pipelines run at once.
+# run ends with (never chosen by a test score). OUT/logs holds each step's output, and times.txt each step's
+# wall, user and system seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=out/repro
-JOBS=2
+JOBS=$(nproc 2>/dev/null || echo 2)
 QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,11 +31,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+case "$JOBS" in ''|*[!0-9]*|0) echo "reproduce.sh: --jobs $JOBS: give a whole number of at least 1" >&2; exit 2 ;; esac
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 QUICK_NOTE="--quick: toy sizes (a few steps on a few clips) that test the plumbing, not the findings; its numbers
-mean nothing. Run without --quick (about 15 min) for the README's results."
+mean nothing. Run without --quick (about 12 min on 2 cores) for the README's results."
 if [ "$QUICK" = 1 ]; then
   echo "$QUICK_NOTE"
   N_RL=16; G=4; B=4; STEPS=2
@@ -45,7 +47,7 @@ if [ "$QUICK" = 1 ]; then
   EVAL="--max_new_tokens 24"
   MIN_REWARD=-1  # a 20-step SFT policy rarely scores; the quick run only checks that every step runs
   SAMPLES=1
-  SEEDS="0 1"
+  SEEDS="0"
 elif [ "$QUICK" = medium ]; then
   N_RL=200; G=8; B=16; STEPS=30
   SYNTH="--n-train 400 --n-rl $N_RL --n-val 50 --n-test 100 --n-test-shift 100"
@@ -85,7 +87,9 @@ T0=$(date +%s)
 run() {
   local name=$1; shift
   echo "[$(( $(date +%s) - T0 ))s] $name"
-  if ! "$@" > "$OUT/logs/$name.log" 2>&1; then
+  local TIMEFORMAT="$name %R %U %S" ok=1  # one line per step in OUT/logs/times.txt: name, wall, user, system s
+  { time "$@" > "$OUT/logs/$name.log" 2>&1 || ok=0; } 2>> "$OUT/logs/times.txt"
+  if [ $ok = 0 ]; then
     echo "FAILED: $name (last lines of $OUT/logs/$name.log below)" >&2
     tail -n 30 "$OUT/logs/$name.log" >&2
     exit 1
@@ -95,59 +99,59 @@ evaluate() {  # evaluate NAME CKPT: greedy and sampled, on test and test_shift (
   run "eval_$1" $PY eval.py --ckpt "$2" --data "$D" --split test,test_shift --out "$OUT/eval/$1" \
     --feature_cache "$F" --sample $SAMPLES $EVAL
 }
-# after SFT, four independent branches per seed (in parallel with --jobs 3)
-grpo_branch() {
-  run "grpo_s$s" $PY grpo.py --init "$OUT/sft_s$s" --data "$D" --out "$OUT/grpo_s$s" --seed "$s" \
-    --feature_cache "$F" $GRPO
-  evaluate "grpo_s$s" "$OUT/grpo_s$s"
-}
-rft_branch() {  # RFT: best of RFT_N samples per rl clip (sampled as GRPO samples: T = 1, no top-p), then SFT
-  run "rft_sample_s$s" $PY eval.py --ckpt "$OUT/sft_s$s" --data "$D" --split rl --sample $RFT_N --top_p 1 \
-    --seed "$s" --best_csv "$OUT/rft_s$s.csv" --min_reward $MIN_REWARD --out "$OUT/eval/rl_sft_s$s" \
-    --feature_cache "$F" $EVAL
-  run "rft_s$s" $PY sft.py --init "$OUT/sft_s$s" --data "$D" --train_csv "$OUT/rft_s$s.csv" --lr 1e-3 \
-    --out "$OUT/rft_s$s" --seed "$s" --feature_cache "$F" $CTRL
-  evaluate "rft_s$s" "$OUT/rft_s$s"
-}
-oracle_branch() {  # the oracle: the same fine-tuning on the rl clips' consensus labels and descriptions
-  run "oracle_s$s" $PY sft.py --init "$OUT/sft_s$s" --data "$D" --train_csv "$D/rl_oracle.csv" --lr 1e-3 \
-    --out "$OUT/oracle_s$s" --seed "$s" --feature_cache "$F" $CTRL
-  evaluate "oracle_s$s" "$OUT/oracle_s$s"
-}
-sft_branch() { evaluate "sft_s$s" "$OUT/sft_s$s"; }
-seed() {  # the main comparison for one seed
-  local s=$1 pids=() rc=0 branch
-  run "sft_s$s" $PY sft.py --data "$D" --out "$OUT/sft_s$s" --seed "$s" --feature_cache "$F" $SFT
-  for branch in sft_branch grpo_branch rft_branch oracle_branch; do
-    if [ "$JOBS" -ge 3 ]; then $branch & pids+=($!); else $branch || return 1; fi
-  done
-  for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  return $rc
-}
-ablation() {  # ablation NAME: seed 0's checkpoint with each modality blanked (test, greedy)
+# after SFT, four independent branches per seed; seed 0's SFT and GRPO branches also run the modality ablation
+ablation() {  # ablation NAME: a checkpoint with each modality blanked (test, greedy)
   run "ablate_$1" $PY eval.py --ckpt "$OUT/$1" --data "$D" --split test --out "$OUT/eval/ablate_$1" \
     --feature_cache "$F" --ablate video,audio,subtitle $EVAL
 }
-lane_a() { seed 0 && ablation sft_s0 && ablation grpo_s0; }
-lane_b() { for s in $SEEDS; do [ "$s" = 0 ] || seed "$s" || return 1; done; }
+sft() { run "sft_s$1" $PY sft.py --data "$D" --out "$OUT/sft_s$1" --seed "$1" --feature_cache "$F" $SFT; }
+sft_branch() {
+  evaluate "sft_s$1" "$OUT/sft_s$1"
+  if [ "$1" = 0 ]; then ablation sft_s0; fi
+}
+grpo_branch() {
+  run "grpo_s$1" $PY grpo.py --init "$OUT/sft_s$1" --data "$D" --out "$OUT/grpo_s$1" --seed "$1" \
+    --feature_cache "$F" $GRPO
+  evaluate "grpo_s$1" "$OUT/grpo_s$1"
+  if [ "$1" = 0 ]; then ablation grpo_s0; fi
+}
+rft_branch() {  # RFT: best of RFT_N samples per rl clip (sampled as GRPO samples: T = 1, no top-p), then SFT
+  run "rft_sample_s$1" $PY eval.py --ckpt "$OUT/sft_s$1" --data "$D" --split rl --sample $RFT_N --top_p 1 \
+    --seed "$1" --best_csv "$OUT/rft_s$1.csv" --min_reward $MIN_REWARD --out "$OUT/eval/rl_sft_s$1" \
+    --feature_cache "$F" $EVAL
+  run "rft_s$1" $PY sft.py --init "$OUT/sft_s$1" --data "$D" --train_csv "$OUT/rft_s$1.csv" --lr 1e-3 \
+    --out "$OUT/rft_s$1" --seed "$1" --feature_cache "$F" $CTRL
+  evaluate "rft_s$1" "$OUT/rft_s$1"
+}
+oracle_branch() {  # the oracle: the same fine-tuning on the rl clips' consensus labels and descriptions
+  run "oracle_s$1" $PY sft.py --init "$OUT/sft_s$1" --data "$D" --train_csv "$D/rl_oracle.csv" --lr 1e-3 \
+    --out "$OUT/oracle_s$1" --seed "$1" --feature_cache "$F" $CTRL
+  evaluate "oracle_s$1" "$OUT/oracle_s$1"
+}
+# pool TASK...: run the tasks (a function and its seed, e.g. "grpo_branch 1") JOBS at a time, in the order
+# given; the first failure stops the others (each task's running step, then the task) and the script
+pool() {
+  local task running=0
+  for task in "$@"; do
+    if [ $running -ge "$JOBS" ]; then wait -n || stop_all; running=$((running - 1)); fi
+    $task & running=$((running + 1))
+  done
+  for (( ; running > 0; running-- )); do wait -n || stop_all; done
+}
+stop_all() {
+  local p
+  for p in $(jobs -p); do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done
+  exit 1
+}
 
 run synth $PY data.py synth --out "$D" --seed 0 $SYNTH
-if [ "$JOBS" -ge 3 ]; then  # one pipeline per seed
-  pids=()
-  for s in $SEEDS; do
-    if [ "$s" = 0 ]; then lane_a & else seed "$s" & fi
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p" || { kill "${pids[@]}" 2>/dev/null; exit 1; }; done
-elif [ "$JOBS" = 2 ]; then
-  lane_a & a=$!
-  lane_b & b=$!
-  wait $a || { kill $b 2>/dev/null; exit 1; }
-  wait $b || exit 1
-else
-  lane_a
-  lane_b
-fi
+tasks=(); for s in $SEEDS; do tasks+=("sft $s"); done
+pool "${tasks[@]}"
+tasks=()  # the longest branches first, so that no core idles at the end
+for branch in grpo_branch rft_branch oracle_branch sft_branch; do
+  for s in $SEEDS; do tasks+=("$branch $s"); done
+done
+pool "${tasks[@]}"
 
 runs() { for s in $SEEDS; do echo "$OUT/$1_s$s"; done; }
 run plots_grpo $PY eval.py plot --run $(runs grpo) --out "$OUT/plots/grpo_seeds"
@@ -155,13 +159,12 @@ run plots_rft $PY eval.py plot --run "$OUT/rft_s0" "$OUT/oracle_s0" --label "RFT
   --out "$OUT/plots/rft_oracle"
 run plots_sft $PY eval.py plot --run $(runs sft) --out "$OUT/plots/sft"
 WALL=$(( $(date +%s) - T0 ))
-CPU=$(times | tail -n 1)  # user and system time of every finished child process
-$PY - "$OUT" "$WALL" "$QUICK" "$RFT_N" "$CPU" $SEEDS <<'EOF'
+$PY - "$OUT" "$WALL" "$QUICK" "$RFT_N" $SEEDS <<'EOF'
 """Gather OUT/eval/*/*/metrics.json into OUT/results.md."""
-import json, os, platform, re, statistics, sys
+import json, os, platform, statistics, sys
 import torch
-out, wall, quick, rft_n, cpu_times = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-SEEDS = [int(s) for s in sys.argv[6:]]
+out, wall, quick, rft_n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+SEEDS = [int(s) for s in sys.argv[5:]]
 ev = lambda split, name: json.load(open(os.path.join(out, "eval", name, split, "metrics.json")))  # noqa: E731
 one = lambda name: json.load(open(os.path.join(out, "eval", name, "metrics.json")))  # noqa: E731
 pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
@@ -170,18 +173,15 @@ MODELS = (("SFT", "sft"), ("SFT + GRPO", "grpo"), ("SFT + RFT (same information)
 MODES = (("test", "greedy"), ("test", "sampled"), ("test_shift", "greedy"), ("test_shift", "sampled"))
 
 
-def spread(values):
-    return f"{pct(statistics.mean(values))} ± {pct(statistics.stdev(values) if len(values) > 1 else 0.0)}"
-
-
-def seconds(text):  # "1m2.5s" -> 62.5
-    m = re.fullmatch(r"(\d+)m([\d.]+)s", text)
-    return 60 * int(m.group(1)) + float(m.group(2)) if m else 0.0
+def spread(values, signed=False):  # "mean ± standard deviation" in %, "mean ± -" for one seed
+    sd = pct(statistics.stdev(values)) if len(values) > 1 else "-"
+    return f"{100 * statistics.mean(values):{'+' if signed else ''}.1f} ± {sd}"
 
 
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
            platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-cpu_s = sum(seconds(t) for t in cpu_times.split())
+cpu_s = sum(float(user) + float(system) for _, _, user, system in  # the steps' user and system seconds
+            (line.split() for line in open(os.path.join(out, "logs", "times.txt"))))
 lines = ["# Results of `bash reproduce.sh" + {"1": " --quick", "medium": " --medium"}.get(quick, "") + "`", ""]
 if quick == "1":
     lines += ["**Toy sizes: these numbers test the plumbing, not the findings; they mean nothing.** Run "
@@ -210,8 +210,7 @@ for title, a, b in (("GRPO - SFT", "grpo", "sft"), ("RFT - SFT", "rft", "sft"), 
     cells = []
     for split, mode in MODES:
         d = [ev(split, f"{a}_s{s}")[mode]["ew_f_l1"] - ev(split, f"{b}_s{s}")[mode]["ew_f_l1"] for s in SEEDS]
-        cells.append(" / ".join(f"{100 * x:+.1f}" for x in d) + f" ({100 * statistics.mean(d):+.1f} ± "
-                     f"{pct(statistics.stdev(d))})")
+        cells.append(" / ".join(f"{100 * x:+.1f}" for x in d) + f" ({spread(d, signed=True)})")
     lines.append(f"| {title} | " + " | ".join(cells) + " |")
 bests = [one(f"rl_sft_s{s}")["best_of"] for s in SEEDS]
 grpo_args = json.load(open(os.path.join(out, "grpo_s0", "args.json")))
