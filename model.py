@@ -910,10 +910,14 @@ def add_lora(model: AffectGPT, r: int, alpha: float, dropout: float = 0.0, targe
 def frozen_copy(model: AffectGPT) -> AffectGPT:
     """A frozen snapshot of `model` as it is now (GRPO's reference): its own copies of the trainable tensors
     (projector, adapters, or the whole LLM) and every frozen tensor shared, not copied. With fresh adapters it
-    computes what `adapters_disabled()` does; after SFT trained the adapters, it is the SFT policy."""
+    computes what `adapters_disabled()` does; after SFT trained the adapters, it is the SFT policy. The
+    reference only scores: it gets the eager sampler and none of the policy's decode cache (B x S KV slots)."""
     shared = {id(p): p for p in model.parameters() if not p.requires_grad}
     shared.update({id(b): b for name, b in model.named_buffers() if not name.startswith("projector.")})
+    shared[id(getattr(model, "_cache", None))] = None  # the policy's StaticCache, if it has generated
     ref = copy.deepcopy(model, memo=shared)  # memo: deepcopy hands back these tensors instead of copying them
+    ref._cache = ref._cache_key = None
+    ref.use_sampler("eager")
     return ref.requires_grad_(False).eval()
 
 

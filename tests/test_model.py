@@ -468,6 +468,22 @@ def test_static_sampler_sampled_equals_eager_and_never_emits_a_placeholder(token
         assert not torch.isin(out["static"][0], torch.tensor(model.placeholder_ids)).any()
 
 
+def test_the_reference_copies_no_decode_cache(tokenizer):
+    """frozen_copy of a policy that has generated with the static sampler: the reference gets no copy of the
+    policy's KV cache (B x S slots per layer, gigabytes at the paper's sizes) and scores as the policy does."""
+    model = stopping_model(tokenizer).use_sampler("static")
+    enc, feats = prompts(tokenizer, TEXTS), media(4)
+    tokens = model.generate(enc["input_ids"], enc["attention_mask"], feats, max_new_tokens=8, greedy=True)
+    ref = M.frozen_copy(model)
+    assert ref._cache is None and ref.sampler == "eager" and model._cache is not None
+    ids = torch.cat([enc["input_ids"], tokens], 1)
+    att = torch.cat([enc["attention_mask"], torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        assert torch.equal(ref(ids, att, feats), model(ids, att, feats))
+    assert torch.equal(ref.generate(enc["input_ids"], enc["attention_mask"], feats, max_new_tokens=8, greedy=True),
+                       tokens)
+
+
 def test_compiled_decode_step_has_no_graph_break_and_equals_eager(tokenizer):
     model = stopping_model(tokenizer).use_sampler("compiled", backend="eager")  # fullgraph=True: a break raises
     enc, feats = prompts(tokenizer, TEXTS), media(4)
