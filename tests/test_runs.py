@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,6 +239,39 @@ def test_ctrl_c_during_feature_encoding_stops_the_run(synth_data, tmp_path):
     assert proc.wait(timeout=300) == 128 + signal.SIGINT, log.read_text()[-3000:]
     assert "stopped by SIGINT while encoding features: nothing was trained" in log.read_text()
     assert not (tmp_path / "o" / "latest").exists() and not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker with this RANK (Linux: read from /proc)."""
+    for child in (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split():
+        env = (Path("/proc") / child / "environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers in /proc")
+@pytest.mark.parametrize("target", ["torchrun", "rank 1"])
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_a_checkpoint(synth_data, tmp_path, target):
+    """A scheduler signals torchrun, which passes SIGTERM to each worker (and kills them 30 s later, unless
+    --shutdown_timeout says otherwise); or one worker alone is signalled. Either way both ranks stop at the same
+    step, rank 0 saves it once, and nobody hangs."""
+    log, out = tmp_path / "log", tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "sft.py"), "--data", str(synth_data), "--out", str(out), "--feature_cache",
+                             str(tmp_path / "f"), *SFT], cwd=ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    wait_for(proc, log, r"step +2 ")
+    os.kill(proc.pid if target == "torchrun" else worker_pid(proc, 1), signal.SIGTERM)
+    proc.wait(timeout=120)  # torchrun's own exit code (1) and traceback: the workers' part is what we check
+    said = log.read_text()
+    k = int((out / "latest").read_text().strip()[5:])
+    assert said.count(f"stopped at step {k} of 200") == 1, said[-3000:]  # printed by rank 0, once
+    assert "SIGKILL" not in said, said[-3000:]  # the workers exited by themselves
+    state = json.loads((out / f"step_{k:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == k and not (out / "final").exists()
+    assert not list(out.glob(".tmp_*")) and sorted(p.name for p in out.glob("step_*")) == [f"step_{k:06d}"]
 
 
 def test_sigterm_saves_exits_143_and_resume_is_exact(synth_data, tmp_path):
