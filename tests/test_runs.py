@@ -187,6 +187,37 @@ def test_full_disk_leaves_no_partial_checkpoint(tiny, tmp_path, monkeypatch):
     assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")
 
 
+KILLED_DURING_SAVE = """
+import os, runpy, signal, sys, torch
+calls = []
+def save_then_die(obj, path, *a, **k):  # the 1st checkpoint is written; kill -9 halfway through the 2nd
+    calls.append(path)
+    if len(calls) == 2:
+        open(path, "wb").write(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *a, **k)
+real_save, torch.save = torch.save, save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_loses_only_that_checkpoint(synth_data, tmp_path):
+    """SIGKILL runs no cleanup: the partial .tmp_* folder stays, `latest` still names the complete checkpoint
+    before it, and --resume removes the partial folder and continues from there (bit-exact: the SIGTERM test)."""
+    out, feats = tmp_path / "o", ["--feature_cache", tmp_path / "f"]
+    flags = [*SFT, "--save_every", 2, "--max_steps", 6]
+    r = subprocess.run([sys.executable, "-c", KILLED_DURING_SAVE, str(ROOT / "sft.py"), "--data", str(synth_data),
+                        "--out", str(out), *map(str, feats + flags)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert [p.name.rsplit("_", 1)[0] for p in out.glob(".tmp_*")] == [".tmp_step_000004"]  # name_pid
+    assert common.latest_checkpoint(str(out)) == str(out / "step_000002")
+    r = run_script("sft.py", "--data", synth_data, "--out", out, *feats, *flags, "--resume", "--stop_after", 1)
+    assert f"resumed from {out / 'step_000002'} at step 2" in r.stdout + r.stderr
+    assert not list(out.glob(".tmp_*")) and common.latest_checkpoint(str(out)) == str(out / "step_000003")
+
+
 def test_a_failed_log_write_is_one_message(tmp_path, monkeypatch):
     logger = common.Logger(str(tmp_path), True, write=lambda s: None)
     real_open = open
