@@ -315,6 +315,23 @@ def read_split(root: str, split: str = "train", labels_csv: str | None = None, n
     return [Clip(n, labels[n], subtitles.get(n, ""), reasons.get(n)) for n in labels]
 
 
+def read_unibench(root: str) -> dict:
+    """dataset -> (task, folder, clips, corpus) of every MER-UniBench dataset under root (read before any work,
+    so that a bad label file stops the run before the first dataset is evaluated)."""
+    sets = {}
+    for name, (folder, label_file) in find_unibench(root).items():
+        task, classes, corpus = UNIBENCH[name][0], UNIBENCH[name][3], None
+        if task == "ovmer":
+            labels = read_column(label_file, "openset")
+        else:
+            corpus = read_unibench_labels(label_file, classes)
+            labels = {n: (e or "") for n, (e, _) in corpus.items()}
+        sub_file = find_subtitles(folder)
+        subtitles = read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
+        sets[name] = (task, folder, [Clip(n, labels[n], subtitles.get(n, "")) for n in labels], corpus)
+    return sets
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Media
 

@@ -56,7 +56,7 @@ import common
 import data
 import model as model_lib
 import reward
-from data import UNIBENCH, find_unibench
+from data import UNIBENCH
 from reward import ew_metric, hit_rate, load_lexicon, parse_labels
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,27 +333,10 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
 
 # ---- MER-UniBench -------------------------------------------------------------------------------------------
 
-def read_unibench(root: str) -> dict:
-    """dataset -> (task, folder, clips, corpus) of every MER-UniBench dataset under root (read before any work,
-    so that a bad label file stops the run before the first dataset is evaluated)."""
-    sets = {}
-    for name, (folder, label_file) in find_unibench(root).items():
-        task, classes, corpus = UNIBENCH[name][0], UNIBENCH[name][3], None
-        if task == "ovmer":
-            labels = data.read_column(label_file, "openset")
-        else:
-            corpus = data.read_unibench_labels(label_file, classes)
-            labels = {n: (e or "") for n, (e, _) in corpus.items()}
-        sub_file = data.find_subtitles(folder)
-        subtitles = data.read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
-        sets[name] = (task, folder, [data.Clip(n, labels[n], subtitles.get(n, "")) for n in labels], corpus)
-    return sets
-
-
 def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> dict:
     """Score every available MER-UniBench dataset; returns the table (dataset -> metrics) and the mean."""
     builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
-    table, sets = {}, read_unibench(args.root) if sets is None else sets
+    table, sets = {}, data.read_unibench(args.root) if sets is None else sets
     for name, (task, folder, clips, corpus) in sets.items():
         clips, feats, skipped = prepare(model, folder, clips, args, d)
         outputs = generate_all(model, clips, feats, args, d, think, desc=name)
@@ -479,7 +462,7 @@ def eval_main(argv):
     root = args.data or "out/synth"
     if args.benchmark and not os.path.isdir(args.root):
         raise SystemExit(f"error: --root {args.root}: no such folder")
-    labelled = read_unibench(args.root) if args.benchmark else {s: data.read_split(root, s) for s in splits}
+    labelled = data.read_unibench(args.root) if args.benchmark else {s: data.read_split(root, s) for s in splits}
     d = common.setup_dist(args.device)
     model = model_lib.load_model(ckpt, device=d.device).eval().compile_sampler(args.compile)
     think = resolve_think(args, ckpt)

@@ -116,7 +116,7 @@ def test_corpus_reader(unibench, tmp_path):
     np.savez(tmp_path / "two.npz", test1_corpus=np.array({}, dtype=object), test2_corpus=np.array({}, dtype=object))
     with pytest.raises(data.DataError, match="cannot tell the test corpus"):
         data.read_unibench_labels(str(tmp_path / "two.npz"), None)
-    found = ev.find_unibench(str(unibench))
+    found = data.find_unibench(str(unibench))
     assert sorted(found) == ["cmumosi", "meld", "mer2023", "ovmerdplus"]
 
 
