@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=out/repro
-JOBS=$(nproc 2>/dev/null || echo 2)
+JOBS=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
 QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -129,20 +129,35 @@ oracle_branch() {  # the oracle: the same fine-tuning on the rl clips' consensus
   evaluate "oracle_s$1" "$OUT/oracle_s$1"
 }
 # pool TASK...: run the tasks (a function and its seed, e.g. "grpo_branch 1") JOBS at a time, in the order
-# given; the first failure stops the others (each task's running step, then the task) and the script
+# given; the first failure stops the others (each task's running step, then the task) and the script.
+# (Polling rather than `wait -n`, which macOS's bash 3.2 lacks.)
+PIDS=()
 pool() {
-  local task running=0
+  local task
   for task in "$@"; do
-    if [ $running -ge "$JOBS" ]; then wait -n || stop_all; running=$((running - 1)); fi
-    $task & running=$((running + 1))
+    reap "$JOBS"
+    $task & PIDS+=($!)
   done
-  for (( ; running > 0; running-- )); do wait -n || stop_all; done
+  reap 1
+}
+reap() {  # reap N: collect finished tasks until fewer than N run
+  local p live
+  while :; do
+    live=()
+    for p in ${PIDS[@]+"${PIDS[@]}"}; do
+      if kill -0 "$p" 2>/dev/null; then live+=("$p"); else wait "$p" || stop_all; fi
+    done
+    PIDS=(${live[@]+"${live[@]}"})
+    if [ ${#PIDS[@]} -lt "$1" ]; then return; fi
+    sleep 0.5
+  done
 }
 stop_all() {
   local p
-  for p in $(jobs -p); do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do kill_tree "$p"; done
   exit 1
 }
+kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill "$1" 2>/dev/null || true; }
 
 run synth $PY data.py synth --out "$D" --seed 0 $SYNTH
 tasks=(); for s in $SEEDS; do tasks+=("sft $s"); done
