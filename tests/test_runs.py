@@ -1,6 +1,7 @@
 """Runs as a user meets them: every --help, output folders (used, --resume, --overwrite), unwritable and full
 disks, permissions, signals and exit codes. sft.py and grpo.py share this plumbing (common.py)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -292,10 +293,14 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_a_checkpoint(s
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "sft.py"), "--data", str(synth_data), "--out", str(out), "--feature_cache",
                              str(tmp_path / "f"), *SFT], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-    wait_for(proc, log, r"step +2 ")
-    os.kill(proc.pid if target == "torchrun" else worker_pid(proc, 1), signal.SIGTERM)
-    proc.wait(timeout=120)  # torchrun's own exit code (1) and traceback: the workers' part is what we check
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(proc, log, r"step +2 ")
+        os.kill(proc.pid if target == "torchrun" else worker_pid(proc, 1), signal.SIGTERM)
+        proc.wait(timeout=120)  # torchrun's own exit code (1) and traceback: the workers' part is what we check
+    finally:  # a hung run must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     said = log.read_text()
     k = int((out / "latest").read_text().strip()[5:])
     assert said.count(f"stopped at step {k} of 200") == 1, said[-3000:]  # printed by rank 0, once
