@@ -273,13 +273,15 @@ def test_ctrl_c_during_feature_encoding_stops_the_run(synth_data, tmp_path):
     assert not (tmp_path / "o" / "latest").exists() and not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
-def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of torchrun's worker with this RANK (Linux: read from /proc)."""
-    for child in (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split():
-        env = (Path("/proc") / child / "environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in env:
-            return int(child)
-    raise AssertionError(f"no worker of rank {rank}")
+def workers(launcher: subprocess.Popen) -> dict:
+    """torchrun's workers, RANK -> pid (Linux: read from /proc)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for child in (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split():
+            env = (Path("/proc") / child / "environ").read_bytes().split(b"\0")
+            rank = next((v[5:] for v in env if v.startswith(b"RANK=")), None)
+            found[int(rank)] = int(child)
+    return found
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers in /proc")
@@ -293,14 +295,16 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_a_checkpoint(s
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "sft.py"), "--data", str(synth_data), "--out", str(out), "--feature_cache",
                              str(tmp_path / "f"), *SFT], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT)
+    wait_for(proc, log, r"step +2 ")
+    ranks = workers(proc)
     try:
-        wait_for(proc, log, r"step +2 ")
-        os.kill(proc.pid if target == "torchrun" else worker_pid(proc, 1), signal.SIGTERM)
+        os.kill(proc.pid if target == "torchrun" else ranks[1], signal.SIGTERM)
         proc.wait(timeout=120)  # torchrun's own exit code (1) and traceback: the workers' part is what we check
-    finally:  # a hung run must not outlive the test
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    finally:  # a hung run must not outlive the test (each worker runs in a session of its own)
+        for pid in [*ranks.values(), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     said = log.read_text()
     k = int((out / "latest").read_text().strip()[5:])
     assert said.count(f"stopped at step {k} of 200") == 1, said[-3000:]  # printed by rank 0, once
