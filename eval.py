@@ -243,16 +243,6 @@ def generate_all(model, clips, feats, args, d, think, draws: int = 0, desc: str 
     return out
 
 
-def prepare(model, root, clips, args, d) -> tuple:
-    """Encoder features (cached) of the clips; clips without usable media are left out (and counted)."""
-    cfg = model.cfg
-    ds = data.ClipDataset(root, clips, cfg.n_frames, model.image_size, cfg.audio_clips, cfg.clip_seconds,
-                          args.use_faces, args.skip_bad_clips)
-    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips,
-                                   progress=d.main)
-    return [c for c in clips if c.name in feats], feats, ds.skipped
-
-
 def without(kind: str, clips, feats, blank) -> tuple:
     """The same clips with one modality replaced by a blank (black video, silence, empty subtitle)."""
     if kind == "subtitle":
@@ -302,7 +292,8 @@ def best_completions(outputs: dict, clips, lex, think: bool, w_format: float, mi
 def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
     ablated modality. Returns (metrics, per-clip rows)."""
-    clips, feats, skipped = prepare(model, root, clips, args, d)
+    clips, feats, skipped = common.clip_features(model, root, clips, d, args.feature_cache, args.use_faces,
+                                                 args.skip_bad_clips)
     gts = {c.name: c.labels for c in clips}
     metrics = {"skipped_clips": len(skipped), "skipped": dict(skipped)}
     rows = []
@@ -338,7 +329,8 @@ def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> d
     builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
     table, sets = {}, data.read_unibench(args.root) if sets is None else sets
     for name, (task, folder, clips, corpus) in sets.items():
-        clips, feats, skipped = prepare(model, folder, clips, args, d)
+        clips, feats, skipped = common.clip_features(model, folder, clips, d, args.feature_cache, args.use_faces,
+                                                     args.skip_bad_clips)
         outputs = generate_all(model, clips, feats, args, d, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
         answers = {n: reward.extract_answer(t) for n, t in first.items()}

@@ -436,17 +436,15 @@ def main(args: Args):
     train = [c for c in train if c not in no_signal]
     held = data.read_split(root, args.eval_split)[:args.eval_samples] \
         if os.path.isfile(os.path.join(root, f"{args.eval_split}.csv")) else []
-    ds = data.ClipDataset(root, train + held, cfg.n_frames, model.image_size, cfg.audio_clips, cfg.clip_seconds,
-                          args.use_faces, args.skip_bad_clips)
     stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
-    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips, stop=stop)
-    train = [c for c in train if c.name in feats]
-    held = [c for c in held if c.name in feats]
+    _, feats, skipped = common.clip_features(model, root, train + held, d, args.feature_cache, args.use_faces,
+                                             args.skip_bad_clips, stop)
+    train, held = [c for c in train if c.name in feats], [c for c in held if c.name in feats]
     if args.clips_per_step % d.world or args.clips_per_step > len(train):
         raise SystemExit(f"error: --clips_per_step {args.clips_per_step} must be a multiple of the {d.world} ranks "
                          f"and at most the {len(train)} usable training clips")
     say(f"GRPO from {init}: {len(train)} clips of {split}.csv ({len(no_signal)} dropped: ground truth maps to no "
-        f"wheel; {len(ds.skipped)} bad media), {len(held)} held-out, {args.max_steps} steps of "
+        f"wheel; {len(skipped)} bad media), {len(held)} held-out, {args.max_steps} steps of "
         f"{args.clips_per_step} clips x G={args.group_size}; mu={args.mu}"
         + (" (old log-probs skipped: rho = 1)" if args.mu == 1 else ""))
 

@@ -257,12 +257,11 @@ def main(args: Args):
     say(f"model: preset {cfg.preset}, {sizes['trainable']:,} trainable of "
         f"{sum(v for k, v in sizes.items() if k != 'trainable'):,} parameters ({cfg.train_llm}), device {d.device}")
 
-    ds = data.ClipDataset(root, train_clips + val_clips, cfg.n_frames, model.image_size, cfg.audio_clips,
-                          cfg.clip_seconds, args.use_faces, args.skip_bad_clips)
     stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
-    feats = common.cached_features(model, ds, args.feature_cache, d, skip_bad=args.skip_bad_clips, stop=stop)
-    if ds.skipped:
-        say(f"skipped {len(ds.skipped)} clips with bad media, e.g. {next(iter(ds.skipped.values()))}")
+    _, feats, skipped = common.clip_features(model, root, train_clips + val_clips, d, args.feature_cache,
+                                             args.use_faces, args.skip_bad_clips, stop)
+    if skipped:
+        say(f"skipped {len(skipped)} clips with bad media, e.g. {next(iter(skipped.values()))}")
     train_clips = [c for c in train_clips if c.name in feats]
     if not (resume_from or args.init):  # a new projector standardises its inputs with the training features
         media = data.stack_media(feats, [c.name for c in train_clips])
