@@ -573,12 +573,11 @@ def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 1
 def clip_features(model, root: str, clips: list, d: Dist, cache_dir: str, use_faces: bool = False,
                   skip_bad: bool = False, stop: StopFlag | None = None) -> tuple:
     """Encoder features (cached_features) of the clips under root at the model's frame and audio settings.
-    Returns (the clips with usable media, name -> features, name -> why a clip was left out)."""
+    Returns (name -> features, name -> why a clip was left out); a clip is usable when it has features."""
     cfg = model.cfg
     ds = data.ClipDataset(root, clips, cfg.n_frames, model.image_size, cfg.audio_clips, cfg.clip_seconds,
                           use_faces, skip_bad)
-    feats = cached_features(model, ds, cache_dir, d, skip_bad=skip_bad, stop=stop)
-    return [c for c in clips if c.name in feats], feats, ds.skipped
+    return cached_features(model, ds, cache_dir, d, skip_bad=skip_bad, stop=stop), ds.skipped
 
 
 def complete_sharded(model, clips, feats: dict, d: Dist, n: int = 1, **kwargs) -> dict:

@@ -292,8 +292,9 @@ def best_completions(outputs: dict, clips, lex, think: bool, w_format: float, mi
 def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
     ablated modality. Returns (metrics, per-clip rows)."""
-    clips, feats, skipped = common.clip_features(model, root, clips, d, args.feature_cache, args.use_faces,
-                                                 args.skip_bad_clips)
+    feats, skipped = common.clip_features(model, root, clips, d, args.feature_cache, args.use_faces,
+                                          args.skip_bad_clips)
+    clips = [c for c in clips if c.name in feats]
     gts = {c.name: c.labels for c in clips}
     metrics = {"skipped_clips": len(skipped), "skipped": dict(skipped)}
     rows = []
@@ -329,8 +330,9 @@ def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> d
     builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
     table, sets = {}, data.read_unibench(args.root) if sets is None else sets
     for name, (task, folder, clips, corpus) in sets.items():
-        clips, feats, skipped = common.clip_features(model, folder, clips, d, args.feature_cache, args.use_faces,
-                                                     args.skip_bad_clips)
+        feats, skipped = common.clip_features(model, folder, clips, d, args.feature_cache, args.use_faces,
+                                              args.skip_bad_clips)
+        clips = [c for c in clips if c.name in feats]
         outputs = generate_all(model, clips, feats, args, d, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
         answers = {n: reward.extract_answer(t) for n, t in first.items()}

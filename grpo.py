@@ -437,8 +437,8 @@ def main(args: Args):
     held = data.read_split(root, args.eval_split)[:args.eval_samples] \
         if os.path.isfile(os.path.join(root, f"{args.eval_split}.csv")) else []
     stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
-    _, feats, skipped = common.clip_features(model, root, train + held, d, args.feature_cache, args.use_faces,
-                                             args.skip_bad_clips, stop)
+    feats, skipped = common.clip_features(model, root, train + held, d, args.feature_cache, args.use_faces,
+                                          args.skip_bad_clips, stop)
     train, held = [c for c in train if c.name in feats], [c for c in held if c.name in feats]
     if args.clips_per_step % d.world or args.clips_per_step > len(train):
         raise SystemExit(f"error: --clips_per_step {args.clips_per_step} must be a multiple of the {d.world} ranks "

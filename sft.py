@@ -258,8 +258,8 @@ def main(args: Args):
         f"{sum(v for k, v in sizes.items() if k != 'trainable'):,} parameters ({cfg.train_llm}), device {d.device}")
 
     stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
-    _, feats, skipped = common.clip_features(model, root, train_clips + val_clips, d, args.feature_cache,
-                                             args.use_faces, args.skip_bad_clips, stop)
+    feats, skipped = common.clip_features(model, root, train_clips + val_clips, d, args.feature_cache,
+                                          args.use_faces, args.skip_bad_clips, stop)
     if skipped:
         say(f"skipped {len(skipped)} clips with bad media, e.g. {next(iter(skipped.values()))}")
     train_clips = [c for c in train_clips if c.name in feats]

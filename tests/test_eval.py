@@ -151,7 +151,7 @@ def test_merunibench_scores_by_hand(unibench, lex, monkeypatch):
                "e1": "cheerful", "e2": "angry",                                       # joy hit, sadness miss: 1/2
                "s1": "happy", "s2": "happy", "s3": "sad"}   # s3 (valence 0) removed; s2 wrong: F1w 1/3, acc 1/2
     texts = {n: f"<think>x</think><answer>{a}</answer>" if a else "no answer" for n, a in answers.items()}
-    monkeypatch.setattr(common, "clip_features", lambda model, folder, clips, d, *a: (clips, {}, {}))
+    monkeypatch.setattr(common, "clip_features", lambda model, folder, clips, d, *a: ({c.name: {} for c in clips}, {}))
     monkeypatch.setattr(ev, "generate_all", lambda model, clips, feats, args, d, think, **kw: {
         c.name: [texts[c.name]] for c in clips})
     m = ev.evaluate_unibench(None, ev.Args(root=str(unibench)), common.Dist(), True, lex)
