@@ -914,7 +914,8 @@ def frozen_copy(model: AffectGPT) -> AffectGPT:
     reference only scores: it gets the eager sampler and none of the policy's decode cache (B x S KV slots)."""
     shared = {id(p): p for p in model.parameters() if not p.requires_grad}
     shared.update({id(b): b for name, b in model.named_buffers() if not name.startswith("projector.")})
-    shared[id(getattr(model, "_cache", None))] = None  # the policy's StaticCache, if it has generated
+    if getattr(model, "_cache", None) is not None:  # the policy's StaticCache (it has generated): not copied
+        shared[id(model._cache)] = None
     ref = copy.deepcopy(model, memo=shared)  # memo: deepcopy hands back these tensors instead of copying them
     ref._cache = ref._cache_key = None
     ref.use_sampler("eager")
