@@ -1,5 +1,5 @@
-"""common.py: distributed set-up, rank-0 logging (and reading and plotting the logs), checkpoint and
-feature-cache plumbing shared by the stages.
+"""common.py: distributed set-up, rank-0 logging (and reading the logs back), checkpoint and feature-cache
+plumbing shared by the stages.
 
 One function reads RANK / LOCAL_RANK / WORLD_SIZE (`setup_dist`); without them the same code runs as one
 process. nccl on GPU, gloo on CPU. Checkpoints are directories written atomically (a temporary name, then a
@@ -17,7 +17,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -199,57 +198,6 @@ def parse_args(cls, argv=None):
     if rest:
         parser.error(f"unknown arguments: {' '.join(rest)}")
     return args
-
-
-# Panels per stage. SFT and GRPO runs get separate panels (their steps are different things, and their losses
-# different quantities: SFT's NLL per target token, GRPO's clipped surrogate plus KL term).
-PANELS = {
-    "sft": [("train/loss", "SFT loss (NLL per target token)"), ("eval/loss", "held-out NLL per target token"),
-            ("eval/ew_f", "held-out EW-F (greedy)"), ("eval/format_rate", "held-out format rate"),
-            ("eval/n_labels", "held-out labels per answer"), ("train/lr", "learning rate")],
-    "grpo": [("reward/total", "reward (total)"), ("reward/accuracy", "reward: accuracy"),
-             ("reward/format", "reward: format"), ("eval/ew_f", "held-out EW-F (greedy)"),
-             ("train/kl", "KL to the reference (k3)"), ("rollout/length_mean", "completion length (tokens)"),
-             ("rollout/n_labels", "labels per answer"), ("train/loss", "GRPO loss (surrogate + KL term)")],
-}
-STAGE_TITLES = {"sft": "SFT", "grpo": "GRPO"}
-
-
-def run_stage(rows: list) -> str:
-    """sft or grpo: GRPO runs log rewards and rollouts, SFT runs do not."""
-    return "grpo" if any(k.startswith(("reward/", "rollout/")) for m in rows for k in m) else "sft"
-
-
-def plot_runs(runs: list, plt):
-    """runs: [(name, stage, metrics rows)] -> a figure with one block of panels per stage (its own x-axis:
-    that stage's optimiser step) and one colour per run, the same in every panel, named in each block's legend."""
-    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
-    colour = {i: colours[i % len(colours)] for i in range(len(runs))}
-    stages = [st for st in PANELS if any(r[1] == st for r in runs)]
-    blocks = {st: [(k, t) for k, t in PANELS[st] if any(k in m for _, s, ms in runs if s == st for m in ms)]
-              for st in stages}
-    cols = 4
-    heights = [max(1, math.ceil(len(blocks[st]) / cols)) for st in stages]
-    fig = plt.figure(figsize=(4 * cols, 3.2 * sum(heights) + 0.6 * len(stages)), layout="constrained")
-    subfigs = fig.subfigures(len(stages), 1, height_ratios=heights, squeeze=False)[:, 0]
-    for sub, st, rows_n in zip(subfigs, stages, heights):
-        axes = list(sub.subplots(rows_n, cols, squeeze=False).flat)
-        for ax, (key, title) in zip(axes, blocks[st]):
-            for i, (name, stage, ms) in enumerate(runs):
-                pts = [(m["step"], m[key]) for m in ms if stage == st and isinstance(m.get(key), (int, float))]
-                if pts:
-                    ax.plot(*zip(*pts), color=colour[i], label=name, markersize=3,
-                            marker="o" if key.startswith("eval/") else None)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel(f"{STAGE_TITLES[st]} step")
-            ax.grid(alpha=0.3)
-        for ax in axes[len(blocks[st]):]:
-            ax.axis("off")
-        handles = [plt.Line2D([], [], color=colour[i], label=name) for i, (name, stage, _) in enumerate(runs)
-                   if stage == st]
-        sub.suptitle(f"{STAGE_TITLES[st]} runs", fontweight="bold")
-        sub.legend(handles=handles, loc="outside right upper", fontsize=8)
-    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -580,17 +528,17 @@ def clip_features(model, root: str, clips: list, d: Dist, cache_dir: str, use_fa
     return cached_features(model, ds, cache_dir, d, skip_bad=skip_bad, stop=stop), ds.skipped
 
 
-def complete_sharded(model, clips, feats: dict, d: Dist, n: int = 1, **kwargs) -> dict:
+def complete_sharded(model, clips, feats: dict, dist_env: Dist, n: int = 1, **kwargs) -> dict:
     """name -> n completions of each clip. The clips are split over the ranks and every rank gets all the
     results; kwargs go to model.complete (think, max_new_tokens, batch_size, greedy or sampling parameters)."""
-    mine = clips[d.rank::d.world]
+    mine = clips[dist_env.rank::dist_env.world]
     texts = []
     if mine:  # a rank can be left without clips (fewer clips than ranks)
-        media = {k: v.repeat_interleave(n, 0) for k, v in data.stack_media(feats, [c.name for c in mine]).items()}
-        texts = model.complete([c.subtitle for c in mine for _ in range(n)], media, **kwargs)
+        media = data.stack_media(feats, [c.name for c in mine])  # (clips, ...): the n completions share them
+        texts = model.complete([c.subtitle for c in mine], media, n=n, **kwargs)
     part = {c.name: texts[i * n:(i + 1) * n] for i, c in enumerate(mine)}
-    if d.world > 1:
-        gathered = [None] * d.world
+    if dist_env.world > 1:
+        gathered = [None] * dist_env.world
         dist.all_gather_object(gathered, part)
         part = {k: v for g in gathered for k, v in g.items()}
     return part

@@ -458,7 +458,7 @@ def eval_main(argv):
         raise SystemExit(f"error: --root {args.root}: no such folder")
     labelled = data.read_unibench(args.root) if args.benchmark else {s: data.read_split(root, s) for s in splits}
     d = common.setup_dist(args.device)
-    model = model_lib.load_model(ckpt, device=d.device).eval().compile_sampler(args.compile)
+    model = model_lib.load_model(ckpt, device=d.device).eval().use_sampler(args.compile)
     think = resolve_think(args, ckpt)
     meta = {"ckpt": ckpt, "ckpt_path": os.path.abspath(ckpt), "think": think, "lexicon": lex.source,
             **{k: v for k, v in asdict(args).items() if k not in ("ckpt", "think", "out")}, "out": out}
@@ -481,6 +481,57 @@ def eval_main(argv):
 
 # ----------------------------------------------------------------------------------------------------------
 # `plot`: training curves from metrics.jsonl
+
+# Panels per stage. SFT and GRPO runs get separate panels (their steps are different things, and their losses
+# different quantities: SFT's NLL per target token, GRPO's clipped surrogate plus KL term).
+PANELS = {
+    "sft": [("train/loss", "SFT loss (NLL per target token)"), ("eval/loss", "held-out NLL per target token"),
+            ("eval/ew_f", "held-out EW-F (greedy)"), ("eval/format_rate", "held-out format rate"),
+            ("eval/n_labels", "held-out labels per answer"), ("train/lr", "learning rate")],
+    "grpo": [("reward/total", "reward (total)"), ("reward/accuracy", "reward: accuracy"),
+             ("reward/format", "reward: format"), ("eval/ew_f", "held-out EW-F (greedy)"),
+             ("train/kl", "KL to the reference (k3)"), ("rollout/length_mean", "completion length (tokens)"),
+             ("rollout/n_labels", "labels per answer"), ("train/loss", "GRPO loss (surrogate + KL term)")],
+}
+STAGE_TITLES = {"sft": "SFT", "grpo": "GRPO"}
+
+
+def run_stage(rows: list) -> str:
+    """sft or grpo: GRPO runs log rewards and rollouts, SFT runs do not."""
+    return "grpo" if any(k.startswith(("reward/", "rollout/")) for m in rows for k in m) else "sft"
+
+
+def plot_runs(runs: list, plt):
+    """runs: [(name, stage, metrics rows)] -> a figure with one block of panels per stage (its own x-axis:
+    that stage's optimiser step) and one colour per run, the same in every panel, named in each block's legend."""
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    colour = {i: colours[i % len(colours)] for i in range(len(runs))}
+    stages = [st for st in PANELS if any(r[1] == st for r in runs)]
+    blocks = {st: [(k, t) for k, t in PANELS[st] if any(k in m for _, s, ms in runs if s == st for m in ms)]
+              for st in stages}
+    cols = 4
+    heights = [max(1, math.ceil(len(blocks[st]) / cols)) for st in stages]
+    fig = plt.figure(figsize=(4 * cols, 3.2 * sum(heights) + 0.6 * len(stages)), layout="constrained")
+    subfigs = fig.subfigures(len(stages), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for sub, st, rows_n in zip(subfigs, stages, heights):
+        axes = list(sub.subplots(rows_n, cols, squeeze=False).flat)
+        for ax, (key, title) in zip(axes, blocks[st]):
+            for i, (name, stage, ms) in enumerate(runs):
+                pts = [(m["step"], m[key]) for m in ms if stage == st and isinstance(m.get(key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), color=colour[i], label=name, markersize=3,
+                            marker="o" if key.startswith("eval/") else None)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(f"{STAGE_TITLES[st]} step")
+            ax.grid(alpha=0.3)
+        for ax in axes[len(blocks[st]):]:
+            ax.axis("off")
+        handles = [plt.Line2D([], [], color=colour[i], label=name) for i, (name, stage, _) in enumerate(runs)
+                   if stage == st]
+        sub.suptitle(f"{STAGE_TITLES[st]} runs", fontweight="bold")
+        sub.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig
+
 
 def plot_main(argv):
     p = argparse.ArgumentParser(prog="eval.py plot", description="Plot training curves of sft.py/grpo.py runs.")
@@ -508,9 +559,9 @@ def plot_main(argv):
         if not rows:
             sys.exit(f"error: {path}: no complete line to plot")
         runs.append((args.label[i] if args.label else os.path.basename(os.path.normpath(run)),
-                     common.run_stage(rows), rows))
+                     run_stage(rows), rows))
     common.ensure_writable(args.out)
-    fig = common.plot_runs(runs, plt)
+    fig = plot_runs(runs, plt)
     out = os.path.join(args.out, "curves.png")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

@@ -11,8 +11,9 @@ The LLM is any transformers causal LM (Qwen2.5 in the paper) with hand-written L
 attention and MLP projections, or trained in full. `encode_media` runs the frozen encoders once per clip, so
 GRPO reuses the features for all G samples, the reference pass and every update. `frozen_copy()` gives GRPO its
 reference, the initial policy: frozen copies of the trainable tensors sharing every frozen one (no second copy
-of the base LLM). `adapters_disabled()` runs the network without its LoRA adapters, which is the same function
-only when the adapters are fresh (zero B); `merge_lora()` folds the adapters into the weights.
+of the base LLM). `generate` is the decode loop written to be read; `StaticSampler` beside it gives the same
+draws from a preallocated cache and a compilable decode step; `use_sampler` (the stages' --compile) chooses
+which one `decode` runs.
 
 Presets (each also carries the public architecture dimensions, so `random_init=True` builds the real shapes
 without the hub, for throughput and memory planning):
@@ -56,7 +57,6 @@ import data  # the one prompt builder of every stage, the tokenizer corpus, the 
 
 PLACEHOLDERS = ("<|fused|>", "<|audio|>", "<|video|>")  # in this order in every prompt
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-SAMPLERS = ("eager", "static", "compiled")  # decode loops of AffectGPT.generate
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -175,25 +175,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        self.enabled = True
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return y
         h = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y + self.scale * h
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with W + (alpha / r) B A."""
-        out = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
-            out.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
 
 
 def apply_lora(module: nn.Module, targets, r: int, alpha: float, dropout: float) -> int:
@@ -283,7 +270,7 @@ class AffectGPT(nn.Module):
         self.projector = Projector(self._vision_dim(), self.audio.config.hidden_size, d_llm,
                                    cfg.fusion_width, cfg.n_tokens)
         self.placeholder_ids = tokenizer.convert_tokens_to_ids(list(PLACEHOLDERS))
-        self.sampler, self._compiled_step = "eager", None  # see use_sampler
+        self.fast_sampler = None  # a StaticSampler when use_sampler(compiled=True) chose one
         self.image_size = self.vision.config.image_size
         mean, std = PIXEL_STATS[vision_family]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -372,10 +359,17 @@ class AffectGPT(nn.Module):
                                   position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, input_ids, attention_mask, media=None, targets=None, temperature=1.0):
+    def forward(self, input_ids, attention_mask, media=None, targets=None, temperature=1.0, completions=None):
         """Logits (B, T, V); or, given `targets` (B, T) -- the token each position should predict, -100 where
         nothing is scored -- the float32 log-probs of those tokens under logits / temperature (0 where -100).
-        Only the scored positions go through the LM head, so prompts cost no vocabulary-sized work."""
+        Only the scored positions go through the LM head, so prompts cost no vocabulary-sized work.
+
+        Given `completions` = (tokens (n, L), mask (n, L), prompt_of (n,)), the rows of input_ids, attention_mask
+        and media are b PROMPTS, and the result is `score_completions`: the log-probs (n, L) of each completion's
+        tokens given its prompt prompt_of[i], every prompt computed once. (Through forward, so that DDP sees one
+        forward call per backward.)"""
+        if completions is not None:
+            return self.score_completions(input_ids, attention_mask, media, *completions, temperature=temperature)
         hidden = self.hidden_states(input_ids, attention_mask, media)
         head = self.llm.get_output_embeddings()
         if targets is None:
@@ -383,6 +377,35 @@ class AffectGPT(nn.Module):
         keep = targets != -100
         picked = token_logprobs(hidden[keep], head, targets[keep], temperature, banned=self.placeholder_ids)
         return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+
+    def score_completions(self, prompt_ids, prompt_mask, media, tokens, mask, prompt_of, temperature=1.0):
+        """Shared-prefix scoring: float32 log-probs (n, L) at temperature T of the completion tokens (n, L) where
+        mask is 1 (0 elsewhere), completion i answering the left-padded prompt prompt_of[i] of (b, P).
+
+        Why it equals scoring each completion after its own copy of the prompt: in a causal LM the keys and
+        values at a prompt position depend on the prompt alone, so the G copies of a prompt compute the same
+        ones. Here each prompt runs once, its keys and values are indexed for its completions (row i gets
+        prompt prompt_of[i]), and the completions run on that cache: positions continue from the prompt's REAL
+        length (left padding is not counted), the prompt's padding stays masked, and each completion attends
+        causally among its own tokens. The prompt's last hidden state predicts the first completion token.
+        Indexing passes gradients back: the prompt's gradient (LoRA, projector) is the sum of what its
+        completions send, as in the plain forward. Exact without dropout (GRPO scores in eval mode)."""
+        n, L = tokens.shape
+        position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, P)
+        prompt = self.llm.base_model(inputs_embeds=self.embed(prompt_ids, media), attention_mask=prompt_mask,
+                                     position_ids=position_ids, use_cache=True)  # each prompt once
+        cache = prompt.cache
+        cache.batch_select_indices(prompt_of)  # keys and values (b, ...) -> (n, ...): row i holds its prompt's
+        real = prompt_mask.sum(1)[prompt_of, None]  # (n, 1) real prompt tokens of each completion's prompt
+        out = self.llm.base_model(input_ids=tokens, attention_mask=torch.cat([prompt_mask[prompt_of], mask], 1),
+                                  position_ids=real + torch.arange(L, device=tokens.device), cache=cache,
+                                  use_cache=True)  # (n, L, D): the completions, attending to their prompt
+        # token j is predicted by the hidden state before it: the prompt's last one for j = 0
+        hidden = torch.cat([prompt.last_hidden_state[prompt_of, -1:], out.last_hidden_state[:, :-1]], 1)  # (n, L, D)
+        keep = mask.bool()
+        picked = token_logprobs(hidden[keep], self.llm.get_output_embeddings(), tokens[keep], temperature,
+                                banned=self.placeholder_ids)
+        return torch.zeros((n, L), dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
 
     def _banned(self, device):
         return torch.tensor(self.placeholder_ids, device=device)
@@ -395,168 +418,170 @@ class AffectGPT(nn.Module):
         ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
         return sorted(set(ids) | {self.tokenizer.eos_token_id})
 
-    def completion_texts(self, tokens: torch.Tensor) -> list:
-        """Decoded completions (B, L) -> B strings, each cut before its first stop token (what the reward sees)."""
-        keep = completion_mask(tokens, self.stop_ids).bool() & ~torch.isin(tokens, self._stop_tensor(tokens))
-        return self.tokenizer.batch_decode([row[k].tolist() for row, k in zip(tokens, keep)],
+    def completion_texts(self, out: "Completions") -> list:
+        """Decoded completions, each cut before its stop token: what the reward reads."""
+        before_stop = out.mask.sum(1) - out.stopped.long()  # (N,) tokens before the stop token
+        return self.tokenizer.batch_decode([row[:n].tolist() for row, n in zip(out.tokens, before_stop.tolist())],
                                            skip_special_tokens=True)
 
-    def _stop_tensor(self, like):
-        return torch.tensor(self.stop_ids, device=like.device)
-
-    @contextlib.contextmanager
-    def adapters_disabled(self):
-        """The same network with every LoRA adapter switched off: the base LLM under the adapters."""
-        layers = [m for m in self.llm.modules() if isinstance(m, LoRALinear)]
-        if not layers:
-            raise RuntimeError("adapters_disabled() needs LoRA (train_llm='lora')")
-        for m in layers:
-            m.enabled = False
-        try:
-            yield
-        finally:
-            for m in layers:
-                m.enabled = True
-
-    def merge_lora(self) -> int:
-        """Fold every adapter into its weight (for export); returns how many were merged."""
-        count = 0
-        for parent in list(self.llm.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, LoRALinear):
-                    setattr(parent, name, child.merged())
-                    count += 1
-        return count
+    # -- generation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, media, max_new_tokens=128, temperature=1.0, top_p=1.0,
-                 top_k=0, greedy=False, generator=None, return_stats=False, sampler=None):
-        """Sample completions for left-padded prompts: (B, L) token ids, pad after each row's first EOS.
+    def generate(self, input_ids, attention_mask, media, max_new_tokens=128, group_size=1, temperature=1.0,
+                 top_p=1.0, top_k=0, greedy=False, generator=None, return_stats=False) -> "Completions":
+        """`group_size` completions of each left-padded prompt: B prompts (B, P) give B * G rows, row i answering
+        prompt i // G. The decode loop written to be read (a growing cache, a host sync per token);
+        `StaticSampler` is its fast twin, and `decode` runs whichever `use_sampler` chose.
 
-        Sampling draws from softmax(logits / temperature), optionally cut by top_k / top_p. With return_stats,
-        also returns the log-probs of the drawn tokens under softmax(logits / temperature) and the entropy of
-        that distribution, both (B, L) float32 and 0 after the first EOS (GRPO logs and tests them). A row ends
-        at its first token of `stop_ids` (any of them; "EOS" here and in the masks means any stop token).
-
-        `sampler` (default: self.sampler) picks the decode loop: "eager" is the one below, written to be read;
-        "static" and "compiled" (`generate_static`) give the same tokens, faster."""
+        Each prompt runs through the LM once; its keys and values are then repeated for its G rows, which share
+        the prompt token for token. Sampling draws from softmax(logits / temperature), optionally cut by top_k /
+        top_p (greedy: the argmax). With return_stats the Completions also hold the log-prob of each drawn token
+        and the entropy of softmax(logits / temperature) (T = 1 when greedy). A row ends at its first stop token
+        (any of `stop_ids`; "EOS" in the masks means any of them); pad follows it."""
+        G, pad = group_size, self.tokenizer.pad_token_id
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, generator=generator,
                         return_stats=return_stats)
-        sampler = sampler or self.sampler
-        if sampler != "eager":
-            return self.generate_static(input_ids, attention_mask, media, max_new_tokens,
-                                        compiled=sampler == "compiled", **sampling)
-        stop, pad = self._stop_tensor(input_ids), self.tokenizer.pad_token_id
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        stop_ids, banned = torch.tensor(self.stop_ids, device=input_ids.device), self._banned(input_ids.device)
+        # NOTE: left padding: positions count the real tokens only, so a padded prompt is scored as unpadded
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
         out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=True, logits_to_keep=1)
+                       position_ids=position_ids, use_cache=True, logits_to_keep=1)  # the prompts, once each
+        cache = out.cache
+        cache.batch_repeat_interleave(G)  # keys and values (B, ...) -> (B*G, ...): row i holds prompt i // G
         # NOTE: the policy never emits a media placeholder: those logits are -inf here and in every scoring pass
-        banned = self._banned(input_ids.device)
-        cache, logits = out.cache, out.logits[:, -1].index_fill(-1, banned, float("-inf"))
-        next_pos = position_ids[:, -1:] + 1
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        steps = []  # (token, log-prob, entropy) per step
+        logits = out.logits[:, -1].repeat_interleave(G, 0).index_fill(-1, banned, float("-inf"))  # (B*G, V)
+        attention_mask = attention_mask.repeat_interleave(G, 0)  # (B*G, P)
+        next_pos = position_ids[:, -1:].repeat_interleave(G, 0) + 1  # (B*G, 1)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=input_ids.device)  # (B*G,) stopped rows
+        steps = []  # (token, log-prob, entropy), each (B*G,), per step
         for _ in range(max_new_tokens):
             steps.append(next_token(logits, done, pad, **sampling))
-            done |= torch.isin(steps[-1][0], stop)
-            if bool(done.all()):  # NOTE: a host sync per token; generate_static checks every few tokens
+            done |= torch.isin(steps[-1][0], stop_ids)
+            if bool(done.all()):  # NOTE: a host sync per token; StaticSampler checks every few tokens
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)  # (B*G, P + t + 1)
             out = self.llm(input_ids=steps[-1][0][:, None], attention_mask=attention_mask, position_ids=next_pos,
                            cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1].index_fill(-1, banned, float("-inf"))
+            logits = out.logits[:, -1].index_fill(-1, banned, float("-inf"))
             next_pos = next_pos + 1
-        return _stack_steps(steps, input_ids.shape[0], input_ids.device, return_stats)
+        return _stack_steps(steps, logits.shape[0], input_ids.device, return_stats, self.stop_ids)
+
+    def use_sampler(self, compiled: bool | None = None):
+        """The stages' --compile: which decode loop `decode` runs. False: the eager loop `generate`; True: a
+        StaticSampler whose decode step is compiled (a CUDA graph on a GPU); None: True with CUDA, where the eager
+        loop is bound by per-token launches and host syncs, False on a CPU, where compiling costs more than the
+        demos' generation."""
+        cuda = self.device.type == "cuda"
+        compiled = cuda if compiled is None else compiled
+        self.fast_sampler = StaticSampler(self, compiled=True, mode="reduce-overhead" if cuda else None) \
+            if compiled else None
+        return self
+
+    def decode(self, input_ids, attention_mask, media, **kwargs) -> "Completions":
+        """`generate` through the decode loop that `use_sampler` chose: what the stages call."""
+        if self.fast_sampler is not None:
+            return self.fast_sampler.generate(input_ids, attention_mask, media, **kwargs)
+        return self.generate(input_ids, attention_mask, media, **kwargs)
+
+    def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, n=1, **sampling) -> list:
+        """n completions (texts) of each clip given its subtitle and encoder features (B, ...), clip after clip
+        (len(subtitles) * n texts); about batch_size completions per decode call. `sampling` goes to generate
+        (greedy=True, or temperature / top_p / top_k / generator)."""
+        texts, per_call = [], max(1, batch_size // n)  # clips per call: their n completions share one prefill
+        for i in range(0, len(subtitles), per_call):
+            batch = data.collate_prompts(self.tokenizer, subtitles[i:i + per_call], think, self.cfg.n_tokens)
+            part = {k: v[i:i + per_call] for k, v in media.items()}
+            with self.autocast():
+                out = self.decode(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), part,
+                                  max_new_tokens=max_new_tokens, group_size=n, **sampling)
+            texts += self.completion_texts(out)
+        return texts
+
+
+@dataclass
+class Completions:
+    """What a decode loop returns for N rows; every mask of a GRPO step comes from here."""
+    tokens: torch.Tensor                  # (N, L) long: drawn tokens, pad after each row's first stop token
+    mask: torch.Tensor                    # (N, L) long: 1 up to AND INCLUDING the first stop token, 0 after it
+    stopped: torch.Tensor                 # (N,) bool: the row drew a stop token (False: cut at max_new_tokens)
+    logp: torch.Tensor | None = None      # (N, L) float32: log-prob of each drawn token under softmax(logits / T)
+    entropy: torch.Tensor | None = None   # (N, L) float32: entropy of that distribution; both 0 after the stop
+
+
+def find_stops(tokens: torch.Tensor, stop_ids, logp=None, entropy=None) -> Completions:
+    """Completions of drawn tokens (N, L): where each row ends (its first token of `stop_ids`, one id or a list).
+    NOTE: the mask is built from stop positions, never from `token == pad`: when pad is a stop id that would mask
+    the stop itself, and the policy would never learn to stop."""
+    is_stop = torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device)).long()  # (N, L)
+    mask = ((is_stop.cumsum(-1) - is_stop) == 0).long()  # (N, L) 0 only after a stop token
+    return Completions(tokens, mask, is_stop.any(-1), logp, entropy)
+
+
+class StaticSampler:
+    """`AffectGPT.generate` with a preallocated KV cache and a fixed-shape decode step (`decode_step`), compiled
+    with fullgraph=True when `compiled` (mode "reduce-overhead": one CUDA graph per shape). Same tokens,
+    log-probs and entropies as the eager loop (to float rounding) and the same draws from `generator`; but the
+    rows' completion is checked every `check_every` tokens only (no host sync per token), so up to
+    check_every - 1 extra draws may be taken from the generator after the last row stopped. Prompts are
+    left-padded to a multiple of `bucket` columns, so that varying prompt lengths reuse a few compiled shapes."""
+
+    def __init__(self, model: "AffectGPT", compiled: bool = False, backend: str = "inductor",
+                 mode: str | None = None, check_every: int = 8, bucket: int = 64):
+        self.model, self.check_every, self.bucket = model, check_every, bucket
+        # dynamic=False: one specialised graph per (rows, cache length); prompts come in buckets of `bucket`
+        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, mode=mode) \
+            if compiled else decode_step
+        self.compiled = compiled
+        self.cache, self.cache_key = None, None
 
     @torch.no_grad()
-    def generate_static(self, input_ids, attention_mask, media, max_new_tokens=128, compiled=False,
-                        check_every=8, bucket=64, return_stats=False, **sampling):
-        """`generate` with a preallocated KV cache and a fixed-shape decode step (`decode_step`), compiled with
-        fullgraph=True when `compiled` (see `use_sampler`). Same tokens, log-probs and entropies as the eager
-        loop (to float rounding), and the same draws from `generator`; but the rows' completion is checked every
-        `check_every` tokens only (no host sync per token), so up to check_every - 1 extra draws may be taken
-        from the generator after the last row stopped. Prompts are left-padded to a multiple of `bucket`
-        columns, so that varying prompt lengths reuse a few compiled shapes."""
+    def generate(self, input_ids, attention_mask, media, max_new_tokens=128, group_size=1, return_stats=False,
+                 **sampling) -> Completions:
+        """The same arguments and results as AffectGPT.generate."""
+        model, G = self.model, group_size
         B, P0 = input_ids.shape
-        P = -(-P0 // bucket) * bucket
-        dev, pad = input_ids.device, self.tokenizer.pad_token_id
+        P = -(-P0 // self.bucket) * self.bucket
+        dev, pad = input_ids.device, model.tokenizer.pad_token_id
         input_ids = F.pad(input_ids, (P - P0, 0), value=pad)  # more left padding: masked, positions unchanged
-        keep = F.pad(attention_mask, (P - P0, max_new_tokens), value=0).bool()  # (B, S) real prompt tokens
+        attention_mask = F.pad(attention_mask, (P - P0, 0), value=0)  # (B, P)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        # the prompts run once each (a dynamic cache), then fill the G rows of each in the static cache
+        out = model.llm(inputs_embeds=model.embed(input_ids, media), attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=True, logits_to_keep=1)
         S = P + max_new_tokens
-        cache = self._static_cache(B, S, dev)
-        impl = self.llm.config._attn_implementation
-        position_ids = (keep[:, :P].long().cumsum(-1) - 1).clamp(min=0)
-        q, k = torch.arange(P, device=dev)[:, None], torch.arange(S, device=dev)
-        # prefill mask (B, P, S): causal over the real tokens; a pad row sees itself (no empty softmax row)
-        prefill = (keep[:, None, :] & (k <= q)) | (k == q)
-        out = self.llm(inputs_embeds=self.embed(input_ids, media), position_ids=position_ids, cache=cache,
-                       attention_mask=_attention_bias(prefill[:, None], impl), use_cache=True, logits_to_keep=1)
-        banned = self._banned(dev)
-        logits = out.logits[:, -1].index_fill(-1, banned, float("-inf"))
-        step = self._compiled_step if compiled else decode_step
-        if step is None:
-            raise RuntimeError("the compiled sampler needs model.use_sampler('compiled') first")
+        cache = self._static_cache(B * G, S, dev)
+        for layer, prompt in zip(cache.layers, out.cache.layers):  # slots 0..P-1 of row i: prompt i // G
+            layer.update(prompt.keys.repeat_interleave(G, 0), prompt.values.repeat_interleave(G, 0))
+        banned, stop_ids = model._banned(dev), torch.tensor(model.stop_ids, device=dev)
+        logits = out.logits[:, -1].repeat_interleave(G, 0).index_fill(-1, banned, float("-inf"))  # (B*G, V)
+        keep = F.pad(attention_mask, (0, max_new_tokens), value=0).bool().repeat_interleave(G, 0)  # (B*G, S)
         start = torch.tensor(P, device=dev)  # cache slot of the first generated token
-        slot, first_pos = start.clone(), position_ids[:, -1:] + 1
-        stop = self._stop_tensor(input_ids)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        slot, first_pos = start.clone(), position_ids[:, -1:].repeat_interleave(G, 0) + 1  # 0-d, (B*G, 1)
+        done = torch.zeros(B * G, dtype=torch.bool, device=dev)
         steps = []
         for t in range(max_new_tokens):
             steps.append(next_token(logits, done, pad, return_stats=return_stats, **sampling))
-            done |= torch.isin(steps[-1][0], stop)
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+            done |= torch.isin(steps[-1][0], stop_ids)
+            if t + 1 == max_new_tokens or ((t + 1) % self.check_every == 0 and bool(done.all())):
                 break
-            if compiled and dev.type == "cuda":
+            if self.compiled and dev.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
-            logits = step(self.llm, steps[-1][0], slot, start, keep, first_pos, cache, banned)
+            logits = self.step(model.llm, steps[-1][0], slot, start, keep, first_pos, cache, banned)
             slot = slot + 1
-        out = _stack_steps(steps, B, dev, return_stats)
-        tokens = out[0] if return_stats else out
-        n = int(completion_mask(tokens, stop).sum(1).max()) if tokens.shape[1] else 0  # as the eager loop stops
-        return tuple(x[:, :n] for x in out) if return_stats else out[:, :n]
+        out = _stack_steps(steps, B * G, dev, return_stats, model.stop_ids)
+        n = int(out.mask.sum(1).max()) if out.tokens.shape[1] else 0  # the eager loop stops at the longest row
+        return Completions(out.tokens[:, :n], out.mask[:, :n], out.stopped,
+                           *(None if x is None else x[:, :n] for x in (out.logp, out.entropy)))
 
-    def _static_cache(self, B, S, device):
-        """A StaticCache of B rows x S slots, reused while the shape stays (its tensors keep their addresses:
+    def _static_cache(self, rows, S, device):
+        """A StaticCache of `rows` x S slots, reused while the shape stays (its tensors keep their addresses:
         CUDA graphs replay instead of re-recording)."""
         from transformers import StaticCache
-        key = (B, S, str(device), torch.is_autocast_enabled(device.type))
-        if getattr(self, "_cache_key", None) != key:
-            self._cache, self._cache_key = StaticCache(config=self.llm.config, max_cache_len=S), key
-        self._cache.reset()
-        return self._cache
-
-    def compile_sampler(self, enabled: bool | None = None):
-        """The stages' --compile: the compiled static sampler (CUDA graphs on a GPU) or the eager loop; None means
-        on with CUDA, off on CPU (where compiling costs more than the demos' generation)."""
-        cuda = self.device.type == "cuda"
-        if not (cuda if enabled is None else enabled):
-            return self.use_sampler("eager")
-        return self.use_sampler("compiled", mode="reduce-overhead" if cuda else None)
-
-    def use_sampler(self, kind: str, backend: str = "inductor", mode: str | None = None):
-        """Choose the decode loop of generate: "eager", "static" or "compiled" (torch.compile of `decode_step`
-        with fullgraph=True; mode "reduce-overhead" captures it in a CUDA graph)."""
-        if kind not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
-        self.sampler = kind
-        if kind == "compiled":
-            # dynamic=False: one specialised graph per (batch, cache length); prompts come in buckets of 64
-            self._compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend,
-                                                mode=mode)
-        return self
-
-    def complete(self, subtitles, media, think=True, max_new_tokens=128, batch_size=32, **sampling) -> list:
-        """Completions (text) for clips given their subtitles and encoder features, in batches; `sampling`
-        goes to generate (greedy=True, or temperature / top_p / top_k / generator)."""
-        texts = []
-        for i in range(0, len(subtitles), batch_size):
-            batch = data.collate_prompts(self.tokenizer, subtitles[i:i + batch_size], think, self.cfg.n_tokens)
-            part = {k: v[i:i + batch_size] for k, v in media.items()}
-            with self.autocast():
-                tokens = self.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                       part, max_new_tokens=max_new_tokens, **sampling)
-            texts += self.completion_texts(tokens)
-        return texts
+        key = (rows, S, str(device), torch.is_autocast_enabled(device.type))
+        if self.cache_key != key:
+            self.cache, self.cache_key = StaticCache(config=self.model.llm.config, max_cache_len=S), key
+        self.cache.reset()
+        return self.cache
 
 
 def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
@@ -588,14 +613,13 @@ def next_token(logits, done, pad, temperature=1.0, top_p=1.0, top_k=0, greedy=Fa
     return tok, logp, -plogp.sum(-1).masked_fill(done, 0.0)
 
 
-def _stack_steps(steps, B, device, return_stats):
-    """[(token, logp, entropy)] per step -> tokens (B, L) long [, logps, entropies (B, L) float32]."""
-    cols = list(zip(*steps)) or [[], [], []]
-    stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(B, 0, dtype=dtype,  # noqa: E731
+def _stack_steps(steps, rows, device, return_stats, stop_ids) -> Completions:
+    """[(token, logp, entropy)] per step -> Completions: tokens (rows, L) [, logps, entropies (rows, L)]."""
+    tokens, logps, entropies = (list(col) for col in zip(*steps)) if steps else ([], [], [])
+    stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(rows, 0, dtype=dtype,  # noqa: E731
                                                                         device=device)
-    if not return_stats:
-        return stack(cols[0], torch.long)
-    return stack(cols[0], torch.long), stack(cols[1], torch.float32), stack(cols[2], torch.float32)
+    stats = (stack(logps, torch.float32), stack(entropies, torch.float32)) if return_stats else (None, None)
+    return find_stops(stack(tokens, torch.long), stop_ids, *stats)
 
 
 def decode_step(llm, tok, slot, start, keep, first_pos, cache, banned):
@@ -620,14 +644,6 @@ def _attention_bias(allowed: torch.Tensor, impl: str) -> torch.Tensor:
     if impl == "eager":
         return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
     raise ValueError(f"the static sampler supports the sdpa and eager attention implementations, not {impl!r}")
-
-
-def completion_mask(tokens: torch.Tensor, stop_ids) -> torch.Tensor:
-    """1 up to AND INCLUDING the first stop token (one id or a list: any of them), 0 after it. NOTE: never
-    built from `token == pad`: when pad is a stop id that would mask the stop itself and the policy would never
-    learn to stop."""
-    is_eos = torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device)).long()
-    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
 class _ChunkedLogprob(torch.autograd.Function):
@@ -910,16 +926,14 @@ def add_lora(model: AffectGPT, r: int, alpha: float, dropout: float = 0.0, targe
 def frozen_copy(model: AffectGPT) -> AffectGPT:
     """A frozen snapshot of `model` as it is now (GRPO's reference): its own copies of the trainable tensors
     (projector, adapters, or the whole LLM) and every frozen tensor shared, not copied. With fresh adapters it
-    computes what `adapters_disabled()` does; after SFT trained the adapters, it is the SFT policy. The
-    reference only scores: it gets the eager sampler and none of the policy's decode cache (B x S KV slots)."""
+    computes what the base LLM under them does; after SFT trained the adapters, it is the SFT policy. The
+    reference only scores: it decodes with the eager loop and gets no copy of the policy's StaticSampler (its
+    KV cache holds rows x slots per layer, gigabytes at the paper's sizes)."""
+    # memo: deepcopy hands back these objects instead of copying them (None for the sampler: left out)
     shared = {id(p): p for p in model.parameters() if not p.requires_grad}
     shared.update({id(b): b for name, b in model.named_buffers() if not name.startswith("projector.")})
-    if getattr(model, "_cache", None) is not None:  # the policy's StaticCache (it has generated): not copied
-        shared[id(model._cache)] = None
-    ref = copy.deepcopy(model, memo=shared)  # memo: deepcopy hands back these tensors instead of copying them
-    ref._cache = ref._cache_key = None
-    ref.use_sampler("eager")
-    return ref.requires_grad_(False).eval()
+    shared[id(model.fast_sampler)] = None
+    return copy.deepcopy(model, memo=shared).requires_grad_(False).eval()
 
 
 def trainable_state_dict(model: AffectGPT, keep_vars: bool = False) -> dict:

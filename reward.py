@@ -535,6 +535,12 @@ def ew_score(pred_labels, gt_labels, lex: Lexicon, level: int = 1, kind: str = "
     return math.fsum(scores) / len(scores) if scores else None
 
 
+def has_signal(gt, lex: Lexicon, level: int = 1) -> bool:
+    """Whether a ground truth (label string or list) can reward anything: some label maps to a sector of some
+    wheel. One that maps to nothing (e.g. neutral) scores every answer None, so RL leaves its clip out."""
+    return any(mapped_sets(parse_labels(gt), lex, level))
+
+
 def score_completion(text: str, gt, lex: Lexicon, think: bool = True, penalty: str = "none",
                      w_acc: float = 1.0, w_format: float = 0.5, w_align: float = 0.0, w_dual: float = 0.0,
                      level: int = 1, accuracy: str = "f1"):
@@ -551,11 +557,10 @@ def score_completion(text: str, gt, lex: Lexicon, think: bool = True, penalty: s
     acc = ew_score(answer, gt_labels, lex, level, accuracy)
     if acc is None:
         return None
-    accuracy = acc
     n_pred, n_gt = len(set(answer)), len(set(gt_labels))
     penalty_factor = length_penalty(n_pred, n_gt, penalty)
     fmt = 1.0 if format_ok(text, think) else 0.0
-    out = {"total": 0.0, "accuracy": accuracy, "length_penalty": penalty_factor, "format": fmt,
+    out = {"total": 0.0, "accuracy": acc, "length_penalty": penalty_factor, "format": fmt,
            "answer": answer, "n_pred": n_pred, "n_gt": n_gt}
     if think and (w_align or w_dual):  # word spotting is the costly part: only when it counts
         named = spot_emotions(extract_think(text), lex)
@@ -564,7 +569,7 @@ def score_completion(text: str, gt, lex: Lexicon, think: bool = True, penalty: s
         out["dual"] = ew_score(named, gt_labels, lex, level) or 0.0
     else:
         out["alignment"] = out["dual"] = 0.0
-    out["total"] = (w_acc * accuracy * penalty_factor + w_format * fmt
+    out["total"] = (w_acc * acc * penalty_factor + w_format * fmt
                     + w_align * out["alignment"] + w_dual * out["dual"])
     return out
 

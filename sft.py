@@ -249,7 +249,7 @@ def main(args: Args):
                                                 train_llm=args.train_llm, seed=args.model_seed,
                                                 random_init=args.random_init or None)
         model = model_lib.build_model(cfg, device=d.device, init_seed=args.seed)
-    model.compile_sampler(args.compile)  # the held-out evaluation generates
+    model.use_sampler(args.compile)  # the held-out evaluation generates
     if args.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = model.cfg

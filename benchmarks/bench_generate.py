@@ -69,18 +69,27 @@ def random_prompts(model, batch: int, prompt_len: int, seed: int = 0):
     return ids.to(model.device), torch.ones_like(ids).to(model.device)
 
 
+def decode_loop(model, sampler: str):
+    """The object whose generate() is the named decode loop: the eager loop, or a StaticSampler (compiled as
+    the stages compile it: a CUDA graph on a GPU)."""
+    if sampler == "eager":
+        return model
+    cuda = model.device.type == "cuda"
+    return model_lib.StaticSampler(model, compiled=sampler == "compiled", mode="reduce-overhead" if cuda else None)
+
+
 def time_sampler(model, sampler, ids, att, new_tokens, repeats):
     """(tokens of the last run, seconds of the warm-up run, best seconds of `repeats` runs)."""
-    runs = []
+    loop, runs = decode_loop(model, sampler), []
     for _ in range(1 + repeats):
         g = torch.Generator(model.device).manual_seed(0)
         sync(model.device)
         t = time.perf_counter()
         with model.autocast():
-            out = model.generate(ids, att, None, max_new_tokens=new_tokens, generator=g, sampler=sampler)
+            out = loop.generate(ids, att, None, max_new_tokens=new_tokens, generator=g)
         sync(model.device)
         runs.append(time.perf_counter() - t)
-    return out, runs[0], min(runs[1:])
+    return out.tokens, runs[0], min(runs[1:])
 
 
 def measure(model, batch, prompt_len, new_tokens, samplers, repeats=2) -> dict:
@@ -92,8 +101,6 @@ def measure(model, batch, prompt_len, new_tokens, samplers, repeats=2) -> dict:
            "copy_bandwidth_GBps": bandwidth / 1e9, "bandwidth_limit_tokens_per_s": limit}
     first = None
     for s in samplers:
-        if s == "compiled":
-            model.compile_sampler(True)
         tokens, warm, best = time_sampler(model, s, ids, att, new_tokens, repeats)
         rate = batch * tokens.shape[1] / best
         out[s] = {"tokens_per_s": rate, "seconds": best, "warmup_seconds": warm, "positions": tokens.shape[1],

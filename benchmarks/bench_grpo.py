@@ -37,45 +37,25 @@ def make_clips(model, n_clips: int, subtitle_words: int):
 
 
 def run_steps(model, ref, clips, frames, audio, args, steps: int, device) -> list:
-    """Full GRPO steps with grpo.py's own functions; one dict of timings (seconds) and rates per step."""
+    """Full GRPO steps (grpo.grpo_step, as grpo.py runs them) after encoding the clips' media; one dict of
+    timings (seconds) and rates per step."""
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     lex = reward.load_lexicon("builtin")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    G, n = args.group_size, len(clips)
     rows = []
     for step in range(steps):
         t0 = time.time()
         with model.autocast():
             media = model.encode_media(frames, audio)  # once per clip, reused by all G samples
         feats = {c.name: {k: v[i].cpu() for k, v in media.items()} for i, c in enumerate(clips)}
-        sync()
-        t_enc = time.time() - t0
-        s = grpo.rollout(model, clips, feats, G, True, args.max_new_tokens, 1.0,
-                         torch.Generator(device).manual_seed(step))
-        t1 = time.time()
-        scores = [reward.score_completion(text, clips[i // G].labels, lex) for i, text in enumerate(s.texts)]
-        rewards = torch.tensor([x["total"] for x in scores], device=device)
-        adv, _ = grpo.group_advantages(rewards, torch.arange(n, device=device).repeat_interleave(G))
-        sync()
-        t2 = time.time()
-        ref_logp = grpo.score_samples(ref, s, 1.0, args.micro_batch)
-        sync()
-        t3 = time.time()
-        ro = grpo.Rollout(input_ids=s.input_ids, attention=s.attention, media=s.media, prompt_len=s.prompt_len,
-                          loss_mask=grpo.loss_mask_of(s.input_ids[:, s.prompt_len:], model.stop_ids),
-                          adv=adv, ref_logp=ref_logp, old_logp=None)
-        n_seqs, n_tokens = grpo.step_normalisers(ro, device)
-        grpo.accumulate_gradients(model, model, ro, n_seqs, n_tokens, 1,
-                                  **{k: getattr(args, k) for k in grpo.LOSS_SETTINGS})
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t_upd, total = time.time() - t3, time.time() - t0
-        gen_tokens = float(s.attention[:, s.prompt_len:].sum())
-        rows.append({"encode": t_enc, "generate": s.seconds, "reward": t2 - t1, "reference": t3 - t2,
-                     "update": t_upd, "total": total, "samples_per_s": n * G / total,
-                     "gen_tokens_per_s": gen_tokens / s.seconds})
+        t_enc = grpo.clock(device) - t0
+        ep, _, seconds = grpo.grpo_step(policy=model, ddp_policy=model, ref=ref, optimizer=optimizer,
+                                        scheduler=scheduler, params=params, clips=clips, feats=feats, lex=lex,
+                                        args=args, generator=torch.Generator(device).manual_seed(step), world=1)
+        total = time.time() - t0
+        rows.append({"encode": t_enc, **seconds, "total": total, "samples_per_s": ep.tokens.shape[0] / total,
+                     "gen_tokens_per_s": float(ep.mask.sum()) / seconds["generate"]})
     return rows
 
 
@@ -98,10 +78,11 @@ def main():
     t = time.time()
     model = model_lib.build_model(cfg, device=device)
     ref = model_lib.frozen_copy(model)
-    model.compile_sampler(a.compile)
+    model.use_sampler(a.compile)
     sizes = model_lib.count_parameters(model)
     print(f"{a.preset} (random init) on {device}: built in {time.time() - t:.1f} s; parameters "
-          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items()) + f"; sampler {model.sampler}")
+          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items())
+          + f"; sampler {'eager' if model.fast_sampler is None else 'compiled'}")
     args = grpo.Args(group_size=a.group, clips_per_step=a.clips, max_new_tokens=a.max_new_tokens,
                      micro_batch=a.micro_batch)
     clips, frames, audio = make_clips(model, a.clips, a.subtitle_words)

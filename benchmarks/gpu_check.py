@@ -52,7 +52,7 @@ def check_preset(preset: str, a, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out["decode"] = bench_generate.measure(model, a.batch, a.prompt_len, a.new_tokens, samplers, a.repeats)
-    model.compile_sampler(a.compile)  # what the stages use by default
+    model.use_sampler(a.compile)  # what the stages use by default
     args = grpo.Args(group_size=a.group, clips_per_step=a.clips, max_new_tokens=a.new_tokens,
                      micro_batch=a.micro_batch)
     clips, frames, audio = bench_grpo.make_clips(model, a.clips, a.subtitle_words)
@@ -61,7 +61,8 @@ def check_preset(preset: str, a, device) -> dict:
     rows = bench_grpo.run_steps(model, ref, clips, frames, audio, args, a.grpo_steps, device)
     keep = rows[1:] or rows  # the first step includes warm-up (and compilation)
     mean = {k: sum(r[k] for r in keep) / len(keep) for k in keep[0]}
-    out["grpo_step"] = {"clips": a.clips, "group": a.group, "max_new_tokens": a.new_tokens, "sampler": model.sampler,
+    out["grpo_step"] = {"clips": a.clips, "group": a.group, "max_new_tokens": a.new_tokens,
+                        "sampler": "eager" if model.fast_sampler is None else "compiled",
                         "train_llm": model.cfg.train_llm, "steps_timed": len(keep),
                         "time_split_seconds": {k: mean[k] for k in ("encode", "generate", "reward", "reference",
                                                                     "update", "total")},

@@ -49,6 +49,15 @@ def synth_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sft_ckpt(synth_data, tmp_path_factory) -> Path:
+    """A tiny SFT run of 60 steps on synth_data (a policy that writes some of the format), made once."""
+    out = tmp_path_factory.mktemp("sft_ckpt")
+    run_script("sft.py", "--data", synth_data, "--out", out, "--max_steps", 60, "--eval_every", 0,
+               "--eval_samples", 4, "--save_every", 0, "--feature_cache", out / "features")
+    return out
+
+
 def run_script(script: str, *args, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of the stage scripts as users do (torchrun when nproc > 1); fail the test with its output."""
     cmd = [sys.executable, str(ROOT / script)] if nproc == 1 else \

@@ -267,8 +267,8 @@ def test_plot_keeps_stages_apart(tmp_path):
     kinds = {"sft_a": "sft", "sft_b": "sft", "grpo_a": "grpo", "grpo_b": "grpo"}
     runs = [(name, stage, common.read_metrics(str(fake_run(tmp_path / name, stage, i + 1) / "metrics.jsonl"))[0])
             for i, (name, stage) in enumerate(kinds.items())]
-    assert [common.run_stage(ms) for _, _, ms in runs] == list(kinds.values())
-    fig = common.plot_runs(runs, plt)
+    assert [ev.run_stage(ms) for _, _, ms in runs] == list(kinds.values())
+    fig = ev.plot_runs(runs, plt)
     colours, loss_titles = {}, set()
     for sub in fig.subfigs:
         legend = sub.legends[0]  # every block names its runs with their colours

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 import data
 import grpo
 import model as M
+import reward
 from conftest import ROOT, run_script
-from grpo_case import gradients, make_case, sub_rollout
+from grpo_case import episodes, full_sequences, gradients, make_case, sub_episodes
 
 
 # ---- advantages ---------------------------------------------------------------------------------------------
@@ -75,15 +76,17 @@ def test_surrogate_clips_by_hand():
 
 def formula_loss(model, ro, s):
     """The step loss written out from the docstring's formulas, token by token in float64, with log-probs from
-    the full logits (not the scoring path of grpo.py): an independent reference for accumulate_gradients."""
-    P, (N, L) = ro.prompt_len, ro.loss_mask.shape
-    logp_all = torch.log_softmax(model(ro.input_ids, ro.attention, ro.media).double() / s["temperature"], -1)
+    the full logits of each completion with its own copy of its prompt (not the scoring path of grpo.py): an
+    independent reference for accumulate_gradients."""
+    P, (N, L) = ro.prompt_ids.shape[1], ro.loss_mask.shape
+    ids, attention, media = full_sequences(ro)
+    logp_all = torch.log_softmax(model(ids, attention, media).double() / s["temperature"], -1)
     rows = []
     for i in range(N):
         terms = []
         for t in range(L):
             if ro.loss_mask[i, t]:
-                l = logp_all[i, P + t - 1, ro.input_ids[i, P + t]]  # noqa: E741 (the docstring's l)
+                l = logp_all[i, P + t - 1, ro.tokens[i, t]]  # noqa: E741 (the docstring's l)
                 rho, a = torch.exp(l - ro.old_logp[i, t].double()), ro.adv[i].double()
                 pg = -torch.min(rho * a, rho.clamp(1 - s["eps_low"], 1 + s["eps_high"]) * a)
                 log_r = ro.ref_logp[i, t].double() - l
@@ -100,7 +103,7 @@ def formula_loss(model, ro, s):
                                                     ("grpo", "drop"), ("dr_grpo", "drop")])
 def test_update_gradients_equal_the_formulas(aggregation, truncated):
     model, _, ro, s = make_case(aggregation, truncated)
-    assert ro.input_ids.shape[1] - ro.prompt_len < s["max_new_tokens"]  # dr_grpo's L is not the batch's width
+    assert ro.tokens.shape[1] < s["max_new_tokens"]  # dr_grpo's L is not the batch's width
     got, stats = gradients(model, ro, s)
     model.zero_grad(set_to_none=True)
     formula_loss(model, ro, s).backward()
@@ -114,8 +117,7 @@ def test_update_gradients_equal_the_formulas(aggregation, truncated):
 def assert_clips_both_sides(model, ro, s):
     """The case must clip: some A < 0 tokens below 1 - eps_low, some A > 0 tokens above 1 + eps_high."""
     with torch.no_grad():
-        logp = grpo.completion_logprobs(model, ro.input_ids, ro.attention, ro.media, ro.prompt_len,
-                                        s["temperature"])
+        logp = grpo.completion_logprobs(model, ro, torch.arange(ro.tokens.shape[0]), s["temperature"])
     rho, m, a = (logp - ro.old_logp).exp(), ro.loss_mask.bool(), ro.adv[:, None]
     below, above = (m & (a < 0) & (rho < 1 - s["eps_low"])).sum(), (m & (a > 0) & (rho > 1 + s["eps_high"])).sum()
     assert below > 0 and above > 0, (below, above)
@@ -134,16 +136,17 @@ def test_micro_batch_split_does_not_change_gradients(aggregation):
     # and the same as two halves computed separately with the step's normalisers, summed
     n_seqs, n_tokens = grpo.step_normalisers(ro, torch.device("cpu"))
     model.zero_grad()
-    for rows in (torch.arange(0, 4), torch.arange(4, 8)):
-        grpo.accumulate_gradients(model, model, sub_rollout(ro, rows), n_seqs, n_tokens, 1, **s)
+    for clips in (torch.arange(0, 2), torch.arange(2, 4)):  # the two halves' whole groups
+        grpo.accumulate_gradients(model, model, sub_episodes(ro, clips), n_seqs=n_seqs, n_tokens=n_tokens, world=1,
+                                  **s)
     assert all(torch.allclose(whole[k], p.grad, atol=1e-6) for k, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("aggregation", ["grpo", "token-mean", "dr_grpo"])
 def test_two_ranks_give_the_same_gradients(tmp_path, aggregation):
     model, _, ro, s = make_case(aggregation)
-    assert_clips_both_sides(model, ro, s)  # the worker runs this very case
-    one, _ = gradients(model, ro, s)
+    assert_clips_both_sides(model, ro, s)  # the worker runs this very case, with the shared prefix
+    one, _ = gradients(model, ro, {**s, "shared_prefix": False})  # one rank, each prompt once per completion
     out = tmp_path / "grads.safetensors"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "tests" / "grpo_case.py"), str(out), aggregation],
@@ -228,22 +231,31 @@ def test_kl_gradient_survives_extreme_log_ratios():
 
 # ---- masks, padding, temperature ----------------------------------------------------------------------------
 
+def loss_masks(tokens, stop_ids) -> tuple:
+    """The loss masks of drawn tokens under --truncated keep and drop, as grpo.py builds them."""
+    out = M.find_stops(tokens, stop_ids)
+    return (grpo.loss_mask_of(out.mask, ~out.stopped, "keep").tolist(),
+            grpo.loss_mask_of(out.mask, ~out.stopped, "drop").tolist())
+
+
 def test_loss_mask_keeps_eos_when_pad_equals_eos_and_follows_the_truncation_flag():
     eos = 7
     tokens = torch.tensor([[3, 4, 7, 7, 7], [3, 7, 7, 7, 7], [3, 4, 5, 6, 2]])  # pad == eos; row 2 truncated
-    assert grpo.loss_mask_of(tokens, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert grpo.loss_mask_of(tokens, eos, "drop").tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0] * 5]
+    keep, drop = loss_masks(tokens, eos)
+    assert keep == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert drop == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0] * 5]
 
 
 def test_loss_mask_ends_at_either_of_two_stop_ids():
     tokens = torch.tensor([[3, 9, 7, 7, 7], [3, 4, 7, 7, 7], [3, 4, 5, 6, 2]])  # stops 7 and 9; 7 is also pad
-    assert grpo.loss_mask_of(tokens, [7, 9]).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert grpo.loss_mask_of(tokens, [7, 9], "drop").tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0] * 5]
+    keep, drop = loss_masks(tokens, [7, 9])
+    assert keep == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert drop == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0] * 5]
 
 
 def logprobs(net, ro, temperature):
     with torch.no_grad():
-        return grpo.completion_logprobs(net, ro.input_ids, ro.attention, ro.media, ro.prompt_len, temperature)
+        return grpo.completion_logprobs(net, ro, torch.arange(ro.tokens.shape[0]), temperature)
 
 
 def test_eos_token_is_scored_and_padding_is_not():
@@ -251,19 +263,20 @@ def test_eos_token_is_scored_and_padding_is_not():
     logp = logprobs(model, ro, s["temperature"])
     assert (logp[ro.loss_mask == 0] == 0).all()
     assert (logp[ro.loss_mask == 1] < 0).all()  # including each row's EOS
-    eos_rows = (ro.input_ids[:, ro.prompt_len:] == model.tokenizer.eos_token_id).any(1)
+    eos_rows = (ro.tokens == model.tokenizer.eos_token_id).any(1)
     assert eos_rows.sum() == 6 and ro.loss_mask[~eos_rows].all()  # truncated rows kept by default
 
 
 def test_padded_and_unpadded_logprobs_are_equal():
     model, _, ro, s = make_case()
     batch = logprobs(model, ro, s["temperature"])
-    for i in (1, 2, 4):  # rows with 1 or 2 padding tokens, scored alone without the padding
-        pad = int((ro.attention[i, :ro.prompt_len] == 0).sum())
-        single = grpo.completion_logprobs(model, ro.input_ids[i:i + 1, pad:], ro.attention[i:i + 1, pad:],
-                                          {k: v[i:i + 1] for k, v in ro.media.items()}, ro.prompt_len - pad,
-                                          s["temperature"])
-        assert pad > 0 and torch.allclose(batch[i], single[0], atol=1e-5)
+    G = ro.group_size
+    for c in (1, 2):  # clips with 1 or 2 padding tokens, scored alone without the padding
+        pad = int((ro.prompt_mask[c] == 0).sum())
+        rows = slice(c * G, (c + 1) * G)
+        alone = episodes(model, ro.prompt_ids[c:c + 1, pad:], ro.prompt_mask[c:c + 1, pad:],
+                         {k: v[c:c + 1] for k, v in ro.media.items()}, ro.tokens[rows], G)
+        assert pad > 0 and torch.allclose(batch[rows], logprobs(model, alone, s["temperature"]), atol=1e-5)
 
 
 def with_hole(ids, att, at, width, pad_id):
@@ -276,34 +289,24 @@ def with_hole(ids, att, at, width, pad_id):
 
 def test_scoring_positions_follow_the_attention_mask():
     model, _, ro, s = make_case()
-    rows = torch.tensor([0, 3, 6])  # no left padding
-    ids, att = with_hole(ro.input_ids[rows], ro.attention[rows], 4, 3, model.tokenizer.pad_token_id)
-    media = {k: v[rows] for k, v in ro.media.items()}
-    with torch.no_grad():
-        holed = grpo.completion_logprobs(model, ids, att, media, ro.prompt_len + 3, s["temperature"])
-    assert torch.allclose(holed, logprobs(model, ro, s["temperature"])[rows], atol=1e-5)
+    clips, G = torch.tensor([0, 3]), ro.group_size  # no left padding
+    rows = (clips[:, None] * G + torch.arange(G)).flatten()
+    ids, att = with_hole(ro.prompt_ids[clips], ro.prompt_mask[clips], 4, 3, model.tokenizer.pad_token_id)
+    holed = episodes(model, ids, att, {k: v[clips] for k, v in ro.media.items()}, ro.tokens[rows], G)
+    assert torch.allclose(logprobs(model, holed, s["temperature"]), logprobs(model, ro, s["temperature"])[rows],
+                          atol=1e-5)
 
 
 def test_generation_positions_follow_the_attention_mask():
     model, _, ro, _ = make_case()
-    rows, P = torch.tensor([0, 3, 6]), ro.prompt_len
-    ids, att = ro.input_ids[rows, :P], ro.attention[rows, :P]
-    media = {k: v[rows] for k, v in ro.media.items()}
+    clips = torch.tensor([0, 3])  # no left padding
+    ids, att = ro.prompt_ids[clips], ro.prompt_mask[clips]
+    media = {k: v[clips] for k, v in ro.media.items()}
     holed_ids, holed_att = with_hole(ids, att, 4, 3, model.tokenizer.pad_token_id)
     plain = model.generate(ids, att, media, 6, greedy=True, return_stats=True)
     holed = model.generate(holed_ids, holed_att, media, 6, greedy=True, return_stats=True)
-    assert torch.equal(plain[0], holed[0]) and torch.allclose(plain[1], holed[1], atol=1e-5)
-    assert plain[0].shape[1] == 6  # several decoding steps with the cache, not just the prompt pass
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(synth_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft_for_grpo")
-    r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--data", str(synth_data), "--out", str(out),
-                        "--max_steps", "60", "--eval_every", "0", "--eval_samples", "4", "--save_every", "0",
-                        "--feature_cache", str(out / "features")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    assert torch.equal(plain.tokens, holed.tokens) and torch.allclose(plain.logp, holed.logp, atol=1e-5)
+    assert plain.tokens.shape[1] == 6  # several decoding steps with the cache, not just the prompt pass
 
 
 def test_scoring_at_temperature_reproduces_the_sampler(sft_ckpt, synth_data):
@@ -312,21 +315,22 @@ def test_scoring_at_temperature_reproduces_the_sampler(sft_ckpt, synth_data):
     ds = data.ClipDataset(str(synth_data), clips, 8, model.image_size, 2, 1.0)
     feats = data.encode_clips(ds, model.encode_media, progress=False)
     for T in (0.7, 1.3):
-        s = grpo.rollout(model, clips, feats, 4, True, 24, T, torch.Generator().manual_seed(0))
-        scored = grpo.score_samples(model, s, T, micro_batch=8)
-        m = s.attention[:, s.prompt_len:].bool()
+        ep = grpo.rollout(model, clips, feats, group_size=4, think=True, max_new_tokens=24, temperature=T,
+                          generator=torch.Generator().manual_seed(0))
+        scored = grpo.score_episodes_logprobs(model, ep, temperature=T, micro_batch=8)
+        m = ep.mask.bool()
         assert m.sum() > 20
-        assert torch.allclose(scored[m], s.sample_logp[m], atol=1e-4)
-        ref_logp = grpo.score_samples(M.frozen_copy(model), s, T, micro_batch=5)
+        assert torch.allclose(scored[m], ep.sample_logp[m], atol=1e-4)
+        ref_logp = grpo.score_episodes_logprobs(M.frozen_copy(model), ep, temperature=T, micro_batch=5)
         assert torch.allclose(ref_logp[m], scored[m], atol=1e-5)  # reference == policy at step 0: KL = 0
-        wrong_t = grpo.score_samples(model, s, 1.0, micro_batch=8)
-        assert not torch.allclose(wrong_t[m], s.sample_logp[m], atol=1e-2)
+        wrong_t = grpo.score_episodes_logprobs(model, ep, temperature=1.0, micro_batch=8)
+        assert not torch.allclose(wrong_t[m], ep.sample_logp[m], atol=1e-2)
         # the logged entropy is the true entropy of the sampling distribution (first completion token)
         with torch.no_grad():
-            logits = model(s.input_ids[:, :s.prompt_len], s.attention[:, :s.prompt_len], s.media)[:, -1] / T
+            logits = model(ep.prompt_ids, ep.prompt_mask, ep.media)[:, -1].repeat_interleave(4, 0) / T
         p = torch.softmax(logits, -1)
         entropy = -(p * torch.log_softmax(logits, -1)).nan_to_num(0.0).sum(-1)
-        assert torch.allclose(s.entropy[:, 0], entropy, atol=1e-4)
+        assert torch.allclose(ep.entropy[:, 0], entropy, atol=1e-4)
 
 
 @pytest.mark.parametrize("T", [0.5, 2.0])
@@ -334,7 +338,7 @@ def test_sampler_draws_follow_the_temperature(T):
     """The drawn tokens, not only their reported log-probs: the mean logit z of the first drawn token over
     4000 draws must match E[z] under softmax(z / T), which is many standard errors away from E[z] at T = 1."""
     model, _, ro, _ = make_case()
-    ids, att = ro.input_ids[:1, :ro.prompt_len], ro.attention[:1, :ro.prompt_len]
+    ids, att = ro.prompt_ids[:1], ro.prompt_mask[:1]
     media = {k: v[:1] for k, v in ro.media.items()}
     n = 4000
     with torch.no_grad():
@@ -343,9 +347,8 @@ def test_sampler_draws_follow_the_temperature(T):
         head = model.llm.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight * (2.0 / z[torch.isfinite(z)].std()), requires_grad=False)
         z = model(ids, att, media)[0, -1].double()  # (V,), -inf on the banned placeholders
-        draws = model.generate(ids.expand(n, -1), att.expand(n, -1), {k: v.expand(n, -1, -1) for k, v in
-                                                                        media.items()}, 1, temperature=T,
-                               generator=torch.Generator().manual_seed(0))[:, 0]
+        draws = model.generate(ids, att, media, 1, group_size=n, temperature=T,
+                               generator=torch.Generator().manual_seed(0)).tokens[:, 0]  # n draws of one prompt
     finite = torch.isfinite(z)
 
     def moments(temp):  # E[z] under softmax(z / temp), and the standard error of a mean of n draws
@@ -376,20 +379,25 @@ def test_reference_is_the_initial_policy_and_shares_frozen_weights():
     assert torch.equal(logprobs(ref, ro, s["temperature"]), before)
 
 
-def test_lora_reference_equals_adapters_disabled_at_fresh_adapters():
+def test_lora_reference_is_the_base_llm_at_fresh_adapters():
+    """The reference of a policy with fresh adapters (B = 0) is the base LLM: after the adapters train, the
+    reference still gives the logits of the plain transformers LM with the base weights."""
+    from transformers import AutoModelForCausalLM
     tok = M.prepare_tokenizer(M.build_tokenizer(["happy sad calm"] * 5, vocab_size=280))
     model = M.build_model(M.ModelConfig.from_preset("tiny", train_llm="lora", n_tokens=1), device="cpu",
                           tokenizer=tok).eval()
     ref = M.frozen_copy(model)
+    base_lm = AutoModelForCausalLM.from_config(model.llm.config).eval()
+    base_lm.load_state_dict({k: v for k, v in model.llm.state_dict().items() if "lora_" not in k})
     ids = tok(["happy sad calm calm"], return_tensors="pt")
+    visible = [i for i in range(len(tok)) if i not in model.placeholder_ids]  # ours pins placeholders to -inf
     with torch.no_grad():
         for m in model.llm.modules():  # train the adapters a little
             if isinstance(m, M.LoRALinear):
                 m.lora_B.add_(0.05)
-        with model.adapters_disabled():
-            base = model(ids["input_ids"], ids["attention_mask"])
-        assert torch.allclose(ref(ids["input_ids"], ids["attention_mask"]), base, atol=1e-6)
-        assert not torch.allclose(model(ids["input_ids"], ids["attention_mask"]), base, atol=1e-3)
+        base = base_lm(ids["input_ids"]).logits[..., visible]
+        assert torch.allclose(ref(ids["input_ids"], ids["attention_mask"])[..., visible], base, atol=1e-5)
+        assert not torch.allclose(model(ids["input_ids"], ids["attention_mask"])[..., visible], base, atol=1e-3)
 
 
 # ---- learning -------------------------------------------------------------------------------------------
@@ -425,21 +433,30 @@ def run_grpo(*args, nproc=1):
 
 
 def grpo_flags(sft_ckpt, synth_data, out, steps):
+    """Away from the defaults where a loop bug would hide: T != 1 (log-probs scored at the wrong temperature),
+    several micro-batches of 16 completions (a group split over two of them)."""
     return ["--init", sft_ckpt, "--data", synth_data, "--out", out, "--max_steps", steps, "--group_size", 4,
             "--clips_per_step", 4, "--max_new_tokens", 24, "--eval_every", 0, "--eval_samples", 4,
-            "--save_every", 0, "--feature_cache", out.parent / "features", "--show_every", 2]
+            "--save_every", 0, "--feature_cache", out.parent / "features", "--show_every", 2,
+            "--temperature", 0.8, "--micro_batch", 6]
+
+
+def logged_steps(out) -> list:
+    return [m for m in map(json.loads, open(out / "metrics.jsonl")) if "reward/total" in m]
 
 
 def test_resume_equals_uninterrupted(sft_ckpt, synth_data, tmp_path):
-    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "straight", 4))
-    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "split", 4), "--stop_after", 2)
-    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "split", 4), "--resume")
+    """With mu = 2: the old log-probs, the ratio and the scheduler's optimiser steps resume too."""
+    mu = ["--mu", 2, "--lr", 2e-3]
+    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "straight", 4), *mu)
+    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "split", 4), *mu, "--stop_after", 2)
+    run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "split", 4), *mu, "--resume")
     a = load_file(tmp_path / "straight" / "final" / "trainable.safetensors")
     b = load_file(tmp_path / "split" / "final" / "trainable.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    rewards = lambda p: [json.loads(line)["reward/total"] for line in open(p / "metrics.jsonl")  # noqa: E731
-                         if "reward/total" in line]
-    assert rewards(tmp_path / "straight") == rewards(tmp_path / "split")
+    for key in ("reward/total", "train/clip_fraction", "train/lr"):
+        assert [m[key] for m in logged_steps(tmp_path / "straight")] == [m[key] for m in logged_steps(tmp_path / "split")]
+    assert max(m["train/clip_fraction"] for m in logged_steps(tmp_path / "split")) > 0  # the second passes clip
 
 
 def test_two_process_smoke_run(sft_ckpt, synth_data, tmp_path):
@@ -453,8 +470,9 @@ def test_two_process_smoke_run(sft_ckpt, synth_data, tmp_path):
     for m in steps:
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
         assert m["train/clip_fraction"] == 0  # mu = 1: the ratio is exactly 1, nothing is clipped
-    # step 1 samples from the initial policy, which the reference equals (up to cached-vs-full-pass rounding);
-    # after one update the policy has moved away from it
+        assert m["train/first_pass_ratio_dev"] == 0
+    # step 1 samples from the initial policy, which the reference equals (up to cached-vs-full-pass rounding),
+    # when both are scored at the sampling temperature (0.8 here); after one update the policy has moved
     assert abs(steps[0]["train/kl"]) < 1e-4 < steps[1]["train/kl"]
     assert (tmp_path / "ddp" / "final" / "trainable.safetensors").exists()
     assert "reward" in r.stdout + r.stderr  # sample completions with their breakdown were printed
@@ -464,27 +482,74 @@ def test_several_passes_clip_against_the_old_policy(sft_ckpt, synth_data, tmp_pa
     """mu = 2 end to end: the second pass of each step moves rho away from 1 (a large lr), so tokens clip, which
     needs l_old from before the first update; the warm-up counts optimiser steps, two per GRPO step."""
     run_grpo(*grpo_flags(sft_ckpt, synth_data, tmp_path / "mu2", 2), "--mu", 2, "--lr", 0.01, "--warmup_steps", 8)
-    steps = [m for m in map(json.loads, open(tmp_path / "mu2" / "metrics.jsonl")) if "reward/total" in m]
+    steps = logged_steps(tmp_path / "mu2")
     assert len(steps) == 2
     for m in steps:
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
-        assert 0 < m["train/clip_fraction"] <= 0.5  # pass 1 has rho = 1 exactly: at most half the passes clip
+        assert 0 < m["train/clip_fraction"] <= 0.5  # pass 1 has rho = 1 (to rounding): at most half the passes clip
+        # l_old is the sampling policy's, at the sampling temperature, before the first optimiser step
+        assert m["train/first_pass_ratio_dev"] < 1e-4
     # LambdaLR's factor after k optimiser steps is (k + 1) / warmup: 2 steps -> 3/8, 4 steps -> 5/8
     assert [m["train/lr"] for m in steps] == pytest.approx([0.01 * 3 / 8, 0.01 * 5 / 8])
 
 
+def test_a_step_uses_the_right_models_groups_and_optimiser_steps(sft_ckpt, synth_data):
+    """One grpo_step as main runs it, with T = 0.7, mu = 2, micro-batches of 5 (groups of 4 split over them)
+    and a policy that has moved away from its reference: the rewards are each completion's own clip's, the
+    advantages are normalised within each clip's group, l_ref is the reference's and l_old the sampling
+    policy's, both at the sampling temperature, the first pass has rho = 1 (nothing clipped), and the scheduler
+    stepped once per optimiser step."""
+    policy = M.load_model(str(sft_ckpt / "final"), device="cpu")
+    ref = M.frozen_copy(policy)
+    with torch.no_grad():  # the policy is no longer the reference: swapping the two would show
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    args = grpo.Args(group_size=4, clips_per_step=3, max_new_tokens=16, temperature=0.7, mu=2, micro_batch=5,
+                     lr=1e-3, warmup_steps=4)
+    clips = data.read_split(str(synth_data), "train")[:3]
+    ds = data.ClipDataset(str(synth_data), clips, 8, policy.image_size, 2, 1.0)
+    feats = data.encode_clips(ds, policy.encode_media, progress=False)
+    lex = reward.load_lexicon("builtin")
+    params, optimizer, scheduler = grpo.make_optimizer(policy, args)
+    ep, passes, _ = grpo.grpo_step(policy=policy, ddp_policy=policy, ref=ref, optimizer=optimizer,
+                                   scheduler=scheduler, params=params, clips=clips, feats=feats, lex=lex, args=args,
+                                   generator=torch.Generator().manual_seed(0), world=1)
+    G, m = 4, ep.mask.bool()
+    # each completion is scored against its own clip's labels (the clips' label counts differ, so a completion
+    # scored against another clip's labels shows in n_gt even when a young policy earns no reward)
+    assert len({len(set(reward.parse_labels(c.labels))) for c in clips}) > 1
+    assert [(x["total"], x["n_gt"]) for x in ep.scores] == [
+        (lambda r: (r["total"], r["n_gt"]))(reward.score_completion(t, clips[i // G].labels, lex))
+        for i, t in enumerate(ep.texts)]
+    for c in range(3):  # normalised within each clip's group: mean 0 (or a flat group of zeros)
+        assert abs(ep.adv[c * G:(c + 1) * G].sum()) < 1e-4
+    assert ep.adv.abs().sum() > 0
+    # l_old: the sampling policy at T, i.e. the sampler's own log-probs; l_ref: the reference's full logits at T
+    assert torch.allclose(ep.old_logp[m], ep.sample_logp[m], atol=1e-4)
+    ids, attention, media = full_sequences(ep)
+    P = ep.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = ref(ids, attention, media)[:, P - 1:-1].double() / 0.7
+    want = torch.log_softmax(logits, -1).gather(-1, ep.tokens[..., None]).squeeze(-1)
+    assert torch.allclose(ep.ref_logp[m].double(), want[m], atol=1e-4)
+    assert not torch.allclose(ep.ref_logp[m], ep.sample_logp[m], atol=1e-2)
+    assert passes[0].clipped == 0 and passes[0].ratio_dev < 1e-4 < passes[1].ratio_dev
+    assert scheduler.last_epoch == optimizer.state[params[0]]["step"].item() == 2  # one per optimiser step
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 3 / 4)
+
+
 def test_metrics_average_over_the_passes():
     model, _, ro, _ = make_case()
-    N, P = ro.input_ids.shape[0], ro.prompt_len
-    s = grpo.Samples(input_ids=ro.input_ids, attention=ro.attention, media=ro.media, prompt_len=P,
-                     sample_logp=ro.ref_logp, entropy=torch.ones(N, ro.loss_mask.shape[1]),
-                     truncated=torch.zeros(N, dtype=torch.bool), texts=[""] * N, seconds=1.0)
-    scores = [{"total": 1.0, "n_pred": 2, **{k: 0.5 for k in grpo.REWARD_PARTS}}] * N
-    passes = [grpo.PassStats(loss=1.0, pg_loss=0.5, kl_loss=2.0, clipped=0.0, grad_norm=1.0),
-              grpo.PassStats(loss=3.0, pg_loss=1.5, kl_loss=4.0, clipped=6.0, grad_norm=3.0)]
-    m = grpo.step_metrics(s, ro, scores, 0.0, passes, torch.device("cpu"))
+    N = ro.tokens.shape[0]
+    ro.sample_logp, ro.entropy = ro.ref_logp, torch.ones(ro.tokens.shape)
+    ro.scores = [{"total": 1.0, "n_pred": 2, **{k: 0.5 for k in grpo.REWARD_PARTS}}] * N
+    passes = [grpo.PassStats(loss=1.0, pg_loss=0.5, kl_loss=2.0, clipped=0.0, ratio_dev=0.0, grad_norm=1.0),
+              grpo.PassStats(loss=3.0, pg_loss=1.5, kl_loss=4.0, clipped=6.0, ratio_dev=0.3, grad_norm=3.0)]
+    m = grpo.step_metrics(ro, passes, torch.device("cpu"))
     assert (m["train/loss"], m["train/pg_loss"], m["train/kl_loss"], m["train/grad_norm"]) == (2.0, 1.0, 3.0, 2.0)
     assert m["train/clip_fraction"] == pytest.approx(6.0 / (2 * ro.loss_mask.sum().item()))
+    assert m["train/first_pass_ratio_dev"] == 0.0  # the first pass's, not the largest
     assert m["train/kl"] == 0.0 and m["rollout/entropy"] == 1.0 and m["reward/total_std"] == 0.0
 
 

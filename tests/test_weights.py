@@ -221,25 +221,24 @@ def test_bf16_sft_and_grpo_steps_on_cpu(hf_folders, synth_data, monkeypatch, tra
 
     # GRPO: a bf16 rollout (sampling, reference scoring), then the update of the same samples in both dtypes
     args = grpo.Args(group_size=3, max_new_tokens=8, micro_batch=8)
-    samples = grpo.rollout(bf16, clips["bf16"], feats["bf16"], 3, True, 8, args.temperature,
-                           torch.Generator().manual_seed(0))
-    mask = grpo.loss_mask_of(samples.input_ids[:, samples.prompt_len:], bf16.tokenizer.eos_token_id)
-    adv = torch.randn(mask.shape[0], generator=torch.Generator().manual_seed(0))  # random models earn no reward
-    media32 = {k: v.repeat_interleave(3, 0) for k, v in data.stack_media(feats["fp32"], names).items()}
-    ref_logp = {"bf16": grpo.score_samples(M.frozen_copy(bf16), samples, args.temperature, 8),
-                "fp32": grpo.score_samples(M.frozen_copy(fp32), dataclasses.replace(samples, media=media32),
-                                           args.temperature, 8)}
-    settings = {k: getattr(args, k) for k in grpo.LOSS_SETTINGS}
-    for name, media in (("bf16", samples.media), ("fp32", media32)):
-        ro = grpo.Rollout(samples.input_ids, samples.attention, media, samples.prompt_len, mask, adv,
-                          ref_logp[name], None)
-        stats = grpo.accumulate_gradients(models[name], models[name], ro, float(mask.shape[0]),
-                                          float(mask.sum()), 1, **settings)
+    ep = grpo.rollout(bf16, clips["bf16"], feats["bf16"], group_size=3, think=True, max_new_tokens=8,
+                      temperature=args.temperature, generator=torch.Generator().manual_seed(0))
+    ep.loss_mask = grpo.loss_mask_of(ep.mask, ep.truncated)
+    ep.adv = torch.randn(ep.tokens.shape[0], generator=torch.Generator().manual_seed(0))  # random models earn none
+    eps = {"bf16": ep, "fp32": dataclasses.replace(ep, media=data.stack_media(feats["fp32"], names))}
+    for name, e in eps.items():
+        e.ref_logp = grpo.score_episodes_logprobs(M.frozen_copy(models[name]), e, temperature=args.temperature,
+                                                  micro_batch=8)
+    for name, e in eps.items():
+        stats = grpo.accumulate_gradients(
+            models[name], models[name], e, n_seqs=float(ep.tokens.shape[0]), n_tokens=float(ep.loss_mask.sum()),
+            world=1, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+            kl=args.kl, aggregation=args.aggregation, max_new_tokens=args.max_new_tokens, micro_batch=8)
         grads[name] = trainable_grads(models[name])
         assert math.isfinite(stats.loss) and torch.isfinite(grads[name]).all()
-    keep = mask.bool()
-    assert torch.isfinite(ref_logp["bf16"]).all()
-    assert torch.allclose(ref_logp["bf16"][keep], ref_logp["fp32"][keep], atol=0.1)
+    keep = ep.loss_mask.bool()
+    assert torch.isfinite(eps["bf16"].ref_logp).all()
+    assert torch.allclose(eps["bf16"].ref_logp[keep], eps["fp32"].ref_logp[keep], atol=0.1)
     assert torch.cosine_similarity(grads["bf16"], grads["fp32"], 0) > 0.98
 
 
