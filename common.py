@@ -6,13 +6,18 @@ process. nccl on GPU, gloo on CPU. Checkpoints are directories written atomicall
 rename): `OUT/step_000120/` holds the model (model.save_model), `trainer_state.json` (step, data position,
 arguments) and `optimizer.pt` (optimiser, scheduler and RNG states: tensors and plain Python only, loaded
 with weights_only=True). `OUT/latest` names the newest step directory; `OUT/final/` is the last model.
-A failed write (full or read-only disk) removes its partial files and ends the run with one message.
+A failed write (full or read-only disk; whatever the library raises: OSError, torch.save's RuntimeError,
+safetensors' SafetensorError) removes its partial files and ends the run with one message naming the path and
+the cause (`writing`, `write_error`).
 
 Output folders (`check_out`, `start_run`): a folder that holds a run is refused unless `--resume` (which must
 not change what the run computes) or `--overwrite` (which deletes the old run's files, nothing else, once the
-new run has passed its checks). A run stopped by a signal saves and exits with 128 + the signal number.
+new run has passed its checks); what a killed run left there is removed when the next one starts. A run stopped
+by a signal saves and exits with 128 + the signal number. Flag rules shared by the stages' check_args:
+`at_least`, `positive`, `check_device`, `refuse`.
 """
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -20,16 +25,19 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import data
@@ -123,11 +131,9 @@ class Logger:
     def log(self, step: int, metrics: dict, prefix: str = ""):
         if not self.main:
             return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        except OSError as e:  # a full or read-only disk: one message, no traceback
-            raise write_error(self.path, e) from None
+        line = json.dumps({"step": step, "time": time.time(), **metrics}) + "\n"
+        with open_for_append(self.path) as f:  # a failed write: the file as it was, and one message
+            f.write(line)
         shown = "  ".join(f"{k.split('/', 1)[-1]} {_short(v)}" for k, v in metrics.items()
                           if isinstance(v, (int, float)))
         self.write(f"{prefix}step {step:>6}  {shown}")
@@ -139,24 +145,121 @@ def _short(v) -> str:
     return f"{v:.4g}"
 
 
-def write_error(path: str, e: OSError) -> SystemExit:
-    """The one message for a failed write: which path, and why in words."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system"}
-    return SystemExit(f"error: cannot write {path}: {why.get(e.errno, e.strerror or str(e))}")
+# ----------------------------------------------------------------------------------------------------------
+# Writes that fail: one message, nothing left behind
+
+# What a failed write raises: open / json / os.replace / the tokenizer's files an OSError; torch.save a
+# RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos ...", "basic_ios::clear: iostream
+# error"), with no errno; safetensors a SafetensorError ("I/O error: No space left on device (os error 28)").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+       errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+       errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system"}
+FULL_BELOW = 1 << 20  # bytes: a write that failed with less space than this left (or 1% of a small disk) found
+# the disk full; a write that fails on a full disk leaves at most a few blocks
 
 
-def ensure_writable(folder: str):
-    """Create `folder` and write a probe file in it now, so an unwritable folder fails before the long work."""
+def write_error(path: str, e: Exception) -> SystemExit:
+    """The one message for a failed write: which path, and why in words. The reason is the error's errno (an
+    OSError's, or the "(os error N)" that Rust's I/O errors print, as safetensors' do); torch.save's
+    RuntimeError carries none, so there a file system left with next to no free space is "the disk is full",
+    and anything else is the library's own words. Build it BEFORE removing partial files, which frees space."""
+    code = e.errno if isinstance(e, OSError) and e.errno else _os_error_code(str(e))
+    if code in WHY:
+        why = WHY[code]
+    elif code is None and disk_is_full(path):
+        why = "the disk is full"
+    elif isinstance(e, OSError) and e.strerror:
+        why = e.strerror
+    else:
+        why = f"{type(e).__name__}: " + " ".join(str(e).split())  # one line
+    return SystemExit(f"error: cannot write {path}: {why}")
+
+
+def _os_error_code(text: str) -> int | None:
+    found = re.search(r"\(os error (\d+)\)", text)
+    return int(found.group(1)) if found else None
+
+
+def disk_is_full(path: str) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has next to no space left for
+    us: less than FULL_BELOW bytes and less than 1% of its size (root may use the blocks reserved for root,
+    others may not)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < min(FULL_BELOW, st.f_blocks * st.f_frsize / 100)
+
+
+@contextlib.contextmanager
+def writing(path: str, partial=()):
+    """Run a write of `path`: if it fails (WRITE_ERRORS), remove the `partial` files and folders it leaves and
+    end the run with write_error's one message."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        error = write_error(path, e)  # before the clean-up frees the space
+        # NOTE: the library's frames may hold the file open (torch.save's writer, in the traceback of the error
+        # or of the one it was raised while handling): a removed file keeps its space until it is closed
+        cause = e
+        while cause is not None:
+            traceback.clear_frames(cause.__traceback__)
+            cause = cause.__context__
+        for p in partial:
+            _remove(p)
+        raise error from None
+
+
+@contextlib.contextmanager
+def open_for_append(path: str):
+    """open(path, "a") whose failed write (a full disk) cuts the file back to what it held, so no half line
+    stays behind, and ends the run with one message."""
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    try:
+        with open(path, "a") as f:
+            yield f
+    except OSError as e:
+        error = write_error(path, e)
+        with contextlib.suppress(OSError):
+            if size is None:
+                os.remove(path)
+            else:
+                os.truncate(path, size)
+        raise error from None
+
+
+def ensure_writable(folder: str, keep: bool = True):
+    """Write and remove a probe file in `folder` now, so an unwritable folder fails before the long work.
+    keep=False leaves no trace: folders it had to create are removed again (a run refused later leaves nothing)."""
+    made = _missing_parents(folder)
     probe = os.path.join(folder, f".write_test_{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok\n")
-        os.remove(probe)
     except OSError as e:
         raise write_error(folder, e) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if not keep:
+            for path in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+
+
+def _missing_parents(folder: str) -> list:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _share_mode(path: str):
@@ -264,8 +367,14 @@ def run_files(out: str) -> list:
     """The entries of OUT that a run writes: arguments, metrics, checkpoints, the pointer, partial writes."""
     if not os.path.isdir(out):
         return []
-    return sorted(n for n in os.listdir(out) if n in ("args.json", "metrics.jsonl", "latest", "latest.tmp", "final")
-                  or n.startswith(("step_", ".tmp_")))
+    return sorted(n for n in os.listdir(out) if n in ("args.json", "metrics.jsonl", "latest", "final")
+                  or n.startswith("step_") or is_leftover(n))
+
+
+def is_leftover(name: str) -> bool:
+    """A partial write that a killed run leaves in OUT: a checkpoint folder (.tmp_NAME_PID), the pointer, args
+    or metrics being replaced (*.tmp), a write probe (.write_test_PID)."""
+    return name.startswith((".tmp_", ".write_test_")) or name in ("latest.tmp", "args.json.tmp", "metrics.jsonl.tmp")
 
 
 def changed_args(args, saved: dict, grow=()) -> tuple:
@@ -289,11 +398,11 @@ def check_out(args, main: bool = True, say=print, grow=()) -> str | None:
     A folder that holds a run needs --resume or --overwrite. --resume compares the arguments with those the
     latest checkpoint was trained with and refuses a change that alters the run, naming the flags (SAFE_CHANGES
     and a larger value of a `grow` flag pass, and are printed). The folder must be writable. Partial writes that
-    a crash left behind (.tmp_*) are removed."""
+    a killed run left behind (is_leftover) are removed first: they may be what fills the disk."""
     out = args.out
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --out, --overwrite deletes it: choose one")
-    used = [n for n in run_files(out) if not (n.startswith(".tmp_") or n == "latest.tmp")]
+    used = [n for n in run_files(out) if not is_leftover(n)]
     resume_from = None
     if args.resume:
         resume_from = latest_checkpoint(out)
@@ -312,11 +421,11 @@ def check_out(args, main: bool = True, say=print, grow=()) -> str | None:
     elif used and not args.overwrite:
         raise SystemExit(f"error: --out {out} holds a run already ({', '.join(used[:5])}): continue it with "
                          f"--resume, replace it with --overwrite, or choose another --out")
-    ensure_writable(out)
-    if main:
+    if main:  # only rank 0 writes in OUT
         for name in run_files(out):
-            if name.startswith(".tmp_") or name == "latest.tmp":
+            if is_leftover(name):
                 _remove(os.path.join(out, name))
+        ensure_writable(out, keep=False)  # a run refused later must not leave an empty OUT behind
     return resume_from
 
 
@@ -329,21 +438,22 @@ def start_run(args, main: bool, resumed_at: int | None = None):
         return
     path = os.path.join(args.out, "args.json")
     metrics = os.path.join(args.out, "metrics.jsonl")
-    try:
+    with writing(args.out, partial=(path + ".tmp", metrics + ".tmp")):
+        os.makedirs(args.out, exist_ok=True)
         if args.overwrite:
             for name in run_files(args.out):
                 _remove(os.path.join(args.out, name))
         if resumed_at is not None and os.path.isfile(metrics):
             with open(metrics) as f:
                 keep = [line for line in f if _logged_step(line) <= resumed_at]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics + ".tmp", metrics)
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise write_error(path, e) from None
+            with writing(metrics, partial=(metrics + ".tmp",)):
+                with open(metrics + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(metrics + ".tmp", metrics)
+        with writing(path, partial=(path + ".tmp",)):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(args), f, indent=1)
+            os.replace(path + ".tmp", path)
 
 
 def _logged_step(line: str) -> float:
@@ -389,8 +499,8 @@ def save_checkpoint(out: str, name: str, model, optimizer=None, scheduler=None, 
     final = os.path.join(out, name)
     tmp = os.path.join(out, f".tmp_{name}_{os.getpid()}")
     pointer = os.path.join(out, "latest.tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(final, partial=(tmp, pointer)):  # whatever the library raises: one message, no partial files
+        _remove(tmp)
         model_lib.save_model(model, tmp)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state or {}, f, indent=1, default=str)
@@ -405,10 +515,6 @@ def save_checkpoint(out: str, name: str, model, optimizer=None, scheduler=None, 
             with open(pointer, "w") as f:
                 f.write(name + "\n")
             os.replace(pointer, os.path.join(out, "latest"))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove(pointer)
-        raise write_error(final, e) from None
     if name.startswith("step_") and keep_last:
         steps = sorted(d for d in os.listdir(out) if d.startswith("step_"))
         for old in steps[:-keep_last]:

@@ -151,15 +151,17 @@ def score_main(argv):
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty")
     args = p.parse_args(argv)
     if args.json:
-        common.ensure_writable(os.path.dirname(args.json) or ".")  # before the work, not after it
+        common.ensure_writable(os.path.dirname(args.json) or ".", keep=False)  # before the work, not after
     try:
         report = score_files(args.pred, args.gt, args.lexicon, args.level, args.task, args.missing_as_empty)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
     print_report(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        with common.writing(args.json, partial=(args.json,)):
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
         print(f"report in {args.json}")
 
 
@@ -314,7 +316,8 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
                              "ew_score": "" if score is None else round(score, 6),
                              "format": int(reward.format_ok(text, think))})
     if args.best_csv and d.main:
-        write_csv(args.best_csv, best, ["name", "openset", "reason", "reward"])
+        with common.writing(args.best_csv, partial=(args.best_csv,)):
+            write_csv(args.best_csv, best, ["name", "openset", "reason", "reward"])
     blank = blank_features(model) if ablate else None
     for kind in ablate:
         c2, f2 = without(kind, clips, feats, blank)
@@ -363,13 +366,16 @@ def write_csv(path: str, rows: list, fields: list):
 
 
 def write_reports(out: str, metrics: dict, rows: list | None):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    if rows is not None:
-        write_csv(os.path.join(out, "per_clip.csv"), rows, list(rows[0]) if rows else ["name"])
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary_markdown(metrics))
+    """metrics.json, per_clip.csv and summary.md in `out`; a failed write (a full disk) leaves none of them."""
+    files = [os.path.join(out, n) for n in ("metrics.json", "per_clip.csv", "summary.md")]
+    with common.writing(out, partial=files):
+        os.makedirs(out, exist_ok=True)
+        with open(files[0], "w") as f:
+            json.dump(metrics, f, indent=1)
+        if rows is not None:
+            write_csv(files[1], rows, list(rows[0]) if rows else ["name"])
+        with open(files[2], "w") as f:
+            f.write(summary_markdown(metrics))
 
 
 def skipped_lines(skipped: dict, where: str = "") -> list:
@@ -426,7 +432,7 @@ def check_out(out: str, ckpt: str, overwrite: bool):
             other = "an unreadable metrics.json"
         if other != os.path.abspath(ckpt):
             sys.exit(f"error: --out {out} holds the evaluation of {other}; choose another --out, or --overwrite")
-    common.ensure_writable(out)
+    common.ensure_writable(out, keep=False)  # a run refused later leaves no empty folder
 
 
 def eval_main(argv):
@@ -452,6 +458,8 @@ def eval_main(argv):
     out = args.out or default_out(ckpt, args)
     for where in [out] if len(splits) == 1 else [os.path.join(out, s) for s in splits]:
         check_out(where, ckpt, args.overwrite)
+    if args.best_csv:
+        common.ensure_writable(os.path.dirname(args.best_csv) or ".", keep=False)
     lex = load_lexicon(args.lexicon)
     root = args.data or "out/synth"
     if args.benchmark and not os.path.isdir(args.root):
@@ -512,7 +520,8 @@ def plot_main(argv):
     common.ensure_writable(args.out)
     fig = common.plot_runs(runs, plt)
     out = os.path.join(args.out, "curves.png")
-    fig.savefig(out, dpi=110)
+    with common.writing(out, partial=(out,)):
+        fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
 

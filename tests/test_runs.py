@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import common
@@ -89,10 +90,10 @@ def test_used_out_is_refused_and_a_failed_run_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="no such folder"):
         sft.main(sft.Args(out=str(out), data=str(tmp_path / "typo"), overwrite=True))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "new" / "fresh"  # a refused run leaves no folder behind either, not even an empty one
     with pytest.raises(SystemExit, match="no such folder"):
         sft.main(sft.Args(out=str(fresh), data=str(tmp_path / "typo")))
-    assert not (fresh / "args.json").exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_refuses_changes_that_alter_the_run(tmp_path):
@@ -172,20 +173,136 @@ def tiny():
     return M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu")
 
 
-def test_full_disk_leaves_no_partial_checkpoint(tiny, tmp_path, monkeypatch):
-    opt = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad])
-    common.save_checkpoint(str(tmp_path), "step_000001", tiny, opt, state={"step": 1})
+def optimizer_with_state(model):
+    """AdamW holding its moment estimates (as after a step), the model's weights unchanged (lr 0)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
 
-    def disk_full(obj, path):
-        with open(path, "wb") as f:  # half a file, then the disk is full
+
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save on a full tmpfs
+
+
+@pytest.mark.parametrize("library, raised, full, why", [
+    ("torch.save", OSError(errno.ENOSPC, "No space left on device"), False, "the disk is full"),
+    ("torch.save", RuntimeError(TORCH_FULL), True, "the disk is full"),  # no errno: the file system is full
+    ("torch.save", RuntimeError(TORCH_FULL), False, f"RuntimeError: {TORCH_FULL}"),  # ...and never claimed if not
+    ("save_file", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     False, "the disk is full"),
+    ("save_file", SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)"), True,
+     "permission denied"),
+])
+def test_a_failed_checkpoint_write_is_one_message_and_leaves_nothing(tiny, tmp_path, monkeypatch, library, raised,
+                                                                     full, why):
+    """Whatever the library raises (each library's own exception type), the message names the path and the cause,
+    the partial folder is removed (it could keep the disk full) and `latest` names the last complete checkpoint."""
+    common.save_checkpoint(str(tmp_path), "step_000001", tiny, state={"step": 1})
+
+    def half_written(obj, path, *a, **k):
+        with open(path, "wb") as f:
             f.write(b"x" * 1000)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise raised
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit, match=f"error: cannot write {tmp_path}/step_000002: the disk is full"):
-        common.save_checkpoint(str(tmp_path), "step_000002", tiny, opt, state={"step": 2})
+    monkeypatch.setattr(*((torch, "save") if library == "torch.save" else (M, "save_file")), half_written)
+    monkeypatch.setattr(common, "disk_is_full", lambda path: full)
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(str(tmp_path), "step_000002", tiny, optimizer_with_state(tiny), state={"step": 2})
+    assert str(e.value) == f"error: cannot write {tmp_path}/step_000002: {why}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]  # no .tmp_* keeps it full
     assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that size, unmounted afterwards; skipped where the test may not mount
+    (not root, or no CAP_SYS_ADMIN in a container)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        try:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                               capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            pytest.skip(f"needs a small tmpfs, and mount failed: {e}")
+        if r.returncode:
+            pytest.skip(f"needs a small tmpfs (mount as root): {(r.stderr or r.stdout).strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:  # a file still open there (a failed test) would keep it busy: then detach it lazily
+        if subprocess.run(["umount", str(where)], capture_output=True, timeout=60).returncode:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=60)
+
+
+def fill(path: Path):
+    """Write to `path` until its file system is full (ENOSPC), to the last page."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for chunk in (1 << 20, 1 << 12):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x" * chunk)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("size, library", [("4m", SafetensorError), ("8m", RuntimeError)])
+def test_a_real_full_disk_loses_only_the_checkpoint_being_written(tiny, small_disk, size, library):
+    """On a real full file system (a tmpfs): with 4 MB the model's trainable.safetensors no longer fits
+    (safetensors raises), with 8 MB the optimizer state does (torch.save raises a RuntimeError without errno).
+    Either way: one message saying the disk is full, no partial folder, `latest` intact."""
+    disk = small_disk(size)
+    common.save_checkpoint(str(disk), "step_000001", tiny, state={"step": 1})  # the model alone: 2.7 MB fits
+    free = os.statvfs(disk).f_bfree
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(str(disk), "step_000002", tiny, optimizer_with_state(tiny), state={"step": 2})
+    assert str(e.value) == f"error: cannot write {disk}/step_000002: the disk is full"
+    assert type(e.value.__context__) is library, repr(e.value.__context__)  # the library this size makes fail
+    assert sorted(os.listdir(disk)) == ["latest", "step_000001"]
+    assert common.latest_checkpoint(str(disk)) == str(disk / "step_000001")
+    assert os.statvfs(disk).f_bfree == free  # the partial files are gone and closed: their space is free again
+
+
+def test_the_next_start_removes_leftovers_that_fill_the_disk(small_disk):
+    """A run killed while writing leaves a .tmp_* folder (here filling the disk) and maybe a write probe: the next
+    start removes them before it checks that the folder can be written, and leaves no probe of its own. A log
+    write that fails leaves metrics.jsonl as it was (no half line)."""
+    out = small_disk("2m") / "run"
+    fake_run(out, sft.Args(out=str(out)))
+    line = json.dumps({"step": 1, "pad": ""})
+    # a whole page, so that an append needs a new one
+    (out / "metrics.jsonl").write_text(line[:-2] + "x" * (4095 - len(line)) + '"}\n')
+    before = (out / "metrics.jsonl").read_text()
+    (out / ".write_test_99999999").write_text("ok\n")
+    (out / ".tmp_step_000004_99999999").mkdir()
+    fill(out / ".tmp_step_000004_99999999" / "optimizer.pt")
+    assert common.disk_is_full(str(out))
+    with pytest.raises(SystemExit, match=f"error: cannot write {out}/metrics.jsonl: the disk is full"):
+        common.Logger(str(out), True, write=lambda s: None).log(2, {"train/loss": 1.0})
+    assert (out / "metrics.jsonl").read_text() == before
+    assert common.check_out(sft.Args(out=str(out), overwrite=True)) is None
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "latest", "metrics.jsonl", "step_000002"]
+    assert not common.disk_is_full(str(out))
+
+
+def test_a_full_disk_is_one_message_for_the_user(synth_data, small_disk, tmp_path):
+    """sft.py with --out on a 4 MB disk, as a user runs it: its final checkpoint's optimizer state does not fit
+    (torch.save's RuntimeError); the user sees one line, not a traceback, and the disk holds no partial files."""
+    disk = small_disk("4m")
+    r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--data", str(synth_data), "--out", str(disk),
+                        "--feature_cache", str(tmp_path / "f"), *SFT[:-2], "--max_steps", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: cannot write {disk}/step_000002: the disk is full"
+    assert sorted(os.listdir(disk)) == ["args.json", "metrics.jsonl"]
 
 
 KILLED_DURING_SAVE = """
