@@ -557,34 +557,45 @@ class StopFlag:
     """Ctrl-C / SIGTERM only set a flag: nothing is raised in the middle of an operation, so a signal cannot be
     swallowed (e.g. by a library's destructor). Feature encoding stops between clips; training saves a
     checkpoint at the next step boundary and then exits with 128 + the signal number (a scheduler must not
-    take a stopped run for a finished one). A second signal ends the process at once."""
+    take a stopped run for a finished one). A second signal to the same process ends it at once.
+
+    NOTE: the handler writes only `own`, and check() writes only `signum` (the value all ranks agreed on): a
+    signal handled while check() waits in its all-reduce must neither be overwritten (lost) nor make this rank
+    stop alone (a hang); it counts at the next check. Under torchrun a rank may learn of the stop from another
+    rank before any signal reaches it: the SIGTERM that torchrun then sends it, once the first rank has exited,
+    is its first own signal and does not cut its exit short."""
 
     def __init__(self):
-        self.signum = 0
+        self.own = 0     # the first signal this process got (the handler's)
+        self.signum = 0  # the signal all ranks agreed to stop on (check's)
+        self.received = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now (a partial checkpoint is cleaned up by the next run)
+        self.received += 1
+        if self.received > 1:  # a second signal: stop now (a partial checkpoint is cleaned up by the next run)
             print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signum = signum
+        self.own = signum
 
     @property
     def raised(self) -> bool:
-        return self.signum > 0
+        """Whether this process should stop (its own signal, or one that all ranks agreed on)."""
+        return bool(self.own or self.signum)
 
     def check(self, device) -> bool:
         """True on every rank once any rank was signalled (so all ranks stop at the same step)."""
-        self.signum = max(self.signum, int(all_reduce_max(float(self.signum), device)))
-        return self.raised
+        agreed = int(all_reduce_max(float(self.own), device))
+        self.signum = self.signum or agreed
+        return self.signum > 0
 
     def exit(self, message: str = ""):
         """After saving: exit with 128 + the signal number, if a signal stopped the run."""
         if self.raised:
             if message:
                 print(message, file=sys.stderr, flush=True)
-            sys.exit(128 + self.signum)
+            sys.exit(128 + (self.signum or self.own))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -631,6 +642,27 @@ def _cached_skips(path: str) -> dict | None:
         return None
 
 
+def _remove_dead_temporaries(file: str):
+    """Temporary copies of `file` (FILE.HOST.PID.tmp) that runs of this machine killed while writing left behind."""
+    folder, base = os.path.split(file)
+    host = socket.gethostname()
+    for name in os.listdir(folder or "."):
+        parts = name[len(base) + 1:].rsplit(".", 2) if name.startswith(base + ".") else []
+        if len(parts) == 3 and parts[0] == host and parts[2] == "tmp" and parts[1].isdigit() \
+                and not _alive(int(parts[1])):
+            _remove(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and belongs to someone else
+        return True
+    return True
+
+
 def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 16, skip_bad: bool = False,
                     progress: bool = True, stop: StopFlag | None = None) -> dict:
     """Encoder features of every clip of `dataset`, computed once and kept in cache_dir.
@@ -656,15 +688,16 @@ def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 1
             if stop is None or not stop.raised:
                 raise
         if stop is not None and stop.raised:
-            stop.exit(f"stopped by {signal.Signals(stop.signum).name} while encoding features: nothing was trained")
+            stop.exit(f"stopped by {signal.Signals(stop.own or stop.signum).name} while encoding features: "
+                      "nothing was trained")
         tensors = {f"{name}|{k}": v.contiguous() for name, f in feats.items() for k, v in f.items()}
-        try:
-            save_file(tensors, files[d.rank] + ".tmp", metadata={"skipped": json.dumps(share.skipped)})
-            _share_mode(files[d.rank] + ".tmp")
-            os.replace(files[d.rank] + ".tmp", files[d.rank])
-        except OSError as e:
-            _remove(files[d.rank] + ".tmp")
-            raise write_error(files[d.rank], e) from None
+        # NOTE: a temporary name of this process: two runs that share the cache may write the same file at once
+        tmp = f"{files[d.rank]}.{socket.gethostname()}.{os.getpid()}.tmp"
+        with writing(files[d.rank], partial=(tmp,)):
+            _remove_dead_temporaries(files[d.rank])
+            save_file(tensors, tmp, metadata={"skipped": json.dumps(share.skipped)})
+            _share_mode(tmp)
+            os.replace(tmp, files[d.rank])
     barrier()
     feats = {}
     for file in files:

@@ -293,6 +293,31 @@ def test_skipping_bad_clips_is_decided_by_each_run(tiny_model, tmp_path):
         assert bad in feats and not ds.skipped and same(feats, direct(tiny_model, root, set(feats)))
 
 
+def test_two_runs_writing_the_same_cache_file_at_once(tiny_model, tmp_path, monkeypatch):
+    """Two runs that share a feature cache (reproduce.sh's parallel evaluations) may both find a file missing and
+    write it. With one temporary name for both, the second run's rename found the temporary gone (the first had
+    renamed it) and ended with 'cannot write'; each process now writes its own temporary. The interleaving is
+    made here: the other run writes and renames while this one is between its write and its rename."""
+    import common
+    root = tmp_path / "synth"
+    data.synthesize(str(root), n_train=3, n_test=1, seed=0, progress=False)
+    real_save, other = common.save_file, []
+
+    def save_while_another_run_writes(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        if not other:  # the other run (another pid) does all of its work now
+            other.append(1)
+            with monkeypatch.context() as m:
+                m.setattr(common.os, "getpid", lambda: 4_000_000)
+                other.append(cache_run(tiny_model, root, tmp_path / "cache")[0])
+
+    monkeypatch.setattr(common, "save_file", save_while_another_run_writes)
+    feats, _ = cache_run(tiny_model, root, tmp_path / "cache")
+    assert same(feats, other[1]) and same(feats, direct(tiny_model, root, set(feats)))
+    files = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(files) == 1 and files[0].startswith("features_") and files[0].endswith("_0of1.safetensors"), files
+
+
 def test_a_signal_stops_feature_encoding(tiny_model, tmp_path, monkeypatch):
     """The signal handler only sets a flag (a KeyboardInterrupt raised inside a decoder's destructor is lost);
     encoding checks it between clips and exits with 128 + the signal, caching nothing."""

@@ -379,15 +379,80 @@ SFT = ["--val_size", "8", "--batch_size", "8", "--micro_batch", "8", "--eval_eve
        "--save_every", "0", "--keep_last", "5", "--log_every", "1", "--max_steps", "200"]
 
 
+WAITING_IN_ENCODING = """
+import runpy, signal, sys, time
+import data
+calls, real_load_audio = [], data.load_audio
+def load_audio_then_wait(*a, **k):  # the 2nd clip waits for the test's signal: no race with the encoding's end
+    calls.append(1)
+    if len(calls) == 2:
+        print("waiting in the encoding", flush=True)
+        stop, deadline = signal.getsignal(signal.SIGINT).__self__, time.monotonic() + 600
+        while not stop.raised and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real_load_audio(*a, **k)
+data.load_audio = load_audio_then_wait
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_ctrl_c_during_feature_encoding_stops_the_run(synth_data, tmp_path):
+    """The signal arrives while a clip is being decoded (the run waits there for it: a signal sent after a fixed
+    time could find the encoding finished on a fast machine or not begun on a loaded one)."""
     log = tmp_path / "log"
-    proc = start("sft.py", "--data", synth_data, "--out", tmp_path / "o", "--feature_cache", tmp_path / "f", *SFT,
-                 log=log)
-    wait_for(proc, log, "encode media")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_IN_ENCODING, str(ROOT / "sft.py"), "--data", str(synth_data),
+                             "--out", str(tmp_path / "o"), "--feature_cache", str(tmp_path / "f"), *SFT], cwd=ROOT,
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_for(proc, log, "waiting in the encoding")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 128 + signal.SIGINT, log.read_text()[-3000:]
     assert "stopped by SIGINT while encoding features: nothing was trained" in log.read_text()
     assert not (tmp_path / "o" / "latest").exists() and not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+@pytest.fixture
+def stop_flag(monkeypatch):
+    """A StopFlag in this process (its handlers removed afterwards), with os._exit recorded instead of done."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        yield common.StopFlag(), exits
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def test_a_signal_during_the_stop_check_is_not_lost(stop_flag, monkeypatch):
+    """A signal handled while check() waits in its all-reduce (where ranks spend their waits) was overwritten by
+    the all-reduced 0: the run went on as if never signalled. Now it counts at the next step, on every rank."""
+    flag, exits = stop_flag
+
+    def all_reduce_then_signal(value, device):  # this rank contributed 0; then SIGTERM is handled
+        flag._handle(signal.SIGTERM, None)
+        return value
+    monkeypatch.setattr(common, "all_reduce_max", all_reduce_then_signal)
+    assert flag.check("cpu") is False  # the other ranks saw 0 too: nobody stops alone (no hang)
+    monkeypatch.setattr(common, "all_reduce_max", lambda value, device: value)
+    assert flag.check("cpu") is True and exits == []
+    with pytest.raises(SystemExit) as e:
+        flag.exit()
+    assert e.value.code == 128 + signal.SIGTERM
+
+
+def test_a_rank_told_to_stop_by_another_takes_its_own_first_signal_calmly(stop_flag, monkeypatch):
+    """Under torchrun, rank 1 is signalled; rank 0 learns it from the all-reduce and saves; when rank 1 exits,
+    torchrun sends rank 0 a SIGTERM: its first own signal, which must not end it before it has said it stopped
+    (it did so with os._exit, a race the torchrun test lost now and then). A second own signal still does."""
+    flag, exits = stop_flag
+    monkeypatch.setattr(common, "all_reduce_max", lambda value, device: float(signal.SIGTERM))  # another rank's
+    assert flag.check("cpu") is True
+    flag._handle(signal.SIGTERM, None)
+    assert exits == []
+    flag._handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
 
 
 def workers(launcher: subprocess.Popen) -> dict:
