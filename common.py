@@ -59,14 +59,20 @@ class Dist:
         return self.rank == 0
 
 
+def dist_env() -> tuple:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+
+
 def setup_dist(device: str | None = None) -> Dist:
-    """Read the torchrun environment and start the process group (nccl on GPU, gloo on CPU)."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    """Read the torchrun environment and start the process group (nccl on GPU, gloo on CPU). Each rank takes
+    cuda:LOCAL_RANK; a single process takes the index --device names (cuda:1), if any. check_device first."""
+    rank, local_rank, world = dist_env()
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = torch.device(device).index if device and world == 1 else None
+        dev = torch.device("cuda", local_rank if index is None else index)
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
         if world > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -75,6 +81,53 @@ def setup_dist(device: str | None = None) -> Dist:
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return Dist(rank, local_rank, world, dev)
+
+
+def check_device(device: str | None) -> list:
+    """The problem with --device, if any: it must name a device of this machine that the stages run on (cpu,
+    cuda, cuda:N; under torchrun every rank takes cuda:LOCAL_RANK, so no index). None: cuda when available."""
+    if device is None:
+        return []
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return [f"--device {device!r}: not a device; use cpu or cuda (cuda:N for one GPU)"]
+    if dev.type == "cpu":
+        return [] if dev.index is None else [f"--device {device}: use cpu (the CPU has no index)"]
+    if dev.type != "cuda":
+        return [f"--device {device}: not supported; use cpu or cuda"]
+    if not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        return [f"--device {device}: CUDA is not available here ({build}); use --device cpu"]
+    n, (_, local_rank, world) = torch.cuda.device_count(), dist_env()
+    if world > 1 and dev.index is not None:
+        return [f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda"]
+    if max(dev.index or 0, local_rank) >= n:
+        return [f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+                + (f", and this is local rank {local_rank}" if world > 1 else "")]
+    return []
+
+
+def at_least(args, low, *names) -> list:
+    """A problem for each flag `names` of `args` that is not a finite number >= low (None: the default)."""
+    return [f"--{n} {getattr(args, n)}: must be at least {low}" for n in names
+            if getattr(args, n) is not None and not _finite_at_least(getattr(args, n), low)]
+
+
+def positive(args, *names) -> list:
+    """A problem for each flag `names` of `args` that is not a finite number > 0 (None: the default)."""
+    return [f"--{n} {getattr(args, n)}: must be a positive number" for n in names
+            if getattr(args, n) is not None and not (_finite_at_least(getattr(args, n), 0) and getattr(args, n) > 0)]
+
+
+def _finite_at_least(value, low) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= low  # NaN fails every test
+
+
+def refuse(problems: list):
+    """End the run before any work when a stage's check_args found problems: one message, all of them."""
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
 
 
 def cleanup_dist():

@@ -207,6 +207,37 @@ class Args:
                                                           "KV-cache decode step (default: true with CUDA)"})
 
 
+def splits_of(args: Args) -> list:
+    return [x.strip() for x in args.split.split(",") if x.strip()]
+
+
+def ablations_of(args: Args) -> list:
+    return [x.strip() for x in args.ablate.split(",") if x.strip()]
+
+
+def check_args(args: Args):
+    """Refuse bad arguments before any work (before the model is loaded), with one message naming every bad
+    flag."""
+    problems = []
+    if not set(ablations_of(args)) <= {"video", "audio", "subtitle"}:
+        problems.append(f"--ablate {args.ablate!r}: choose among video, audio, subtitle")
+    if not splits_of(args):
+        problems.append("--split is empty")
+    if args.think not in ("auto", "true", "false"):
+        problems.append(f"--think {args.think!r}: choose auto, true or false")
+    if args.best_csv and (args.sample < 1 or args.benchmark or len(splits_of(args)) > 1):
+        problems.append("--best_csv needs --sample N (N >= 1) on one open-set split")
+    if args.benchmark not in ("", "merunibench") or (args.benchmark and not args.root):
+        problems.append("--benchmark takes 'merunibench' and needs --root DIR")
+    problems += common.at_least(args, 1, "max_new_tokens", "batch_size")
+    problems += common.at_least(args, 0, "sample")
+    problems += common.positive(args, "temperature", "top_p")
+    if args.top_p > 1:
+        problems.append(f"--top_p {args.top_p}: must be at most 1")
+    problems += common.check_device(args.device)
+    common.refuse(problems)
+
+
 def resolve_think(args: Args, ckpt: str) -> bool:
     if args.think in ("true", "false"):
         return args.think == "true"
@@ -440,16 +471,8 @@ def eval_main(argv):
     argv = ["--think=false" if a in ("--no-think", "--no_think") else "--think=true" if a == "--think" else a
             for a in argv]
     args = common.parse_args(Args, argv)
-    ablate = [x.strip() for x in args.ablate.split(",") if x.strip()]
-    if not set(ablate) <= {"video", "audio", "subtitle"}:
-        raise SystemExit(f"error: --ablate {args.ablate!r}: choose among video, audio, subtitle")
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    if not splits:
-        raise SystemExit("error: --split is empty")
-    if args.best_csv and (args.sample < 1 or args.benchmark or len(splits) > 1):
-        raise SystemExit("error: --best_csv needs --sample N (N >= 1) on one open-set split")
-    if args.benchmark not in ("", "merunibench") or (args.benchmark and not args.root):
-        raise SystemExit("error: --benchmark takes 'merunibench' and needs --root DIR")
+    check_args(args)
+    ablate, splits = ablations_of(args), splits_of(args)
     try:
         ckpt = common.resolve_checkpoint(args.ckpt)
     except FileNotFoundError as e:

@@ -369,24 +369,30 @@ def step_metrics(s: Samples, ro: Rollout, scores: list, flat_groups: float, pass
 
 
 def check_args(args: Args):
+    """Refuse bad arguments before any work, with one message naming every bad flag."""
     problems = []
     for name, allowed in (("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS), ("adv_scale", ("std", "none")),
                           ("truncated", ("keep", "drop")), ("penalty", reward.PENALTIES),
                           ("accuracy", tuple(reward.ACCURACY))):
         if getattr(args, name) not in allowed:
             problems.append(f"--{name} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("group_size", "clips_per_step", "mu", "micro_batch", "max_new_tokens", "log_every"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1")
     if args.group_size < 2:
-        problems.append("--group_size must be at least 2 (a group of one has no baseline)")
-    if args.temperature <= 0:
-        problems.append("--temperature must be > 0")
+        problems.append(f"--group_size {args.group_size}: must be at least 2 (a group of one has no baseline)")
+    problems += common.at_least(args, 1, "clips_per_step", "mu", "micro_batch", "max_new_tokens", "log_every")
+    problems += common.at_least(args, 0, "lora_r", "max_steps", "warmup_steps", "eval_every", "eval_samples",
+                                "save_every", "show_every", "keep_last", "stop_after", "weight_decay", "grad_clip",
+                                "eps_low", "eps_high", "beta")
+    problems += common.positive(args, "lr", "temperature")
+    if args.level not in (1, 2):
+        problems.append(f"--level {args.level}: choose 1 or 2")
     if args.top_p != 1.0 or args.top_k != 0:  # the loss scores softmax(logits / T): sampling must not cut it
         problems.append(f"--top_p {args.top_p} --top_k {args.top_k}: GRPO samples without a cut (top_p 1, top_k 0), "
                         f"as the loss scores the uncut distribution (use --temperature to sharpen)")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+    problems += common.check_device(args.device)
+    root = args.data or "out/synth"  # a held-out split named on purpose must exist (the default may not)
+    if args.eval_split != "val" and os.path.isdir(root) and not os.path.isfile(f"{root}/{args.eval_split}.csv"):
+        problems.append(f"--eval_split {args.eval_split}: no {args.eval_split}.csv in {root}")
+    common.refuse(problems)
 
 
 # ----------------------------------------------------------------------------------------------------------

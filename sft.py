@@ -111,11 +111,12 @@ def check_args(args: Args):
         problems.append(f"--preset {args.preset!r}: choose one of {sorted(model_lib.PRESETS)}")
     if args.train_llm not in (None, "lora", "full"):
         problems.append(f"--train_llm {args.train_llm!r}: choose lora or full")
-    for name in ("batch_size", "micro_batch", "log_every"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1")
-    if args.max_steps < 0 or args.epochs <= 0:
-        problems.append("--max_steps must be >= 0 and --epochs > 0")
+    problems += common.at_least(args, 1, "batch_size", "micro_batch", "log_every", "max_new_tokens", "max_length")
+    problems += common.at_least(args, 0, "val_size", "warmup_steps", "max_steps", "eval_every", "eval_samples",
+                                "save_every", "keep_last", "stop_after", "weight_decay", "grad_clip",
+                                "projector_lr_scale")
+    problems += common.positive(args, "lr", "epochs")
+    problems += common.check_device(args.device)
     if args.init is not None and not os.path.exists(args.init):
         problems.append(f"--init {args.init}: no such checkpoint")
     given = [p for p in ("llm", "vision", "audio") if getattr(args, p) is not None]
@@ -126,8 +127,7 @@ def check_args(args: Args):
         problems += [f"--{p} {why}" for p in given if (why := model_lib.check_weights(p, getattr(args, p)))]
     if args.train_csv is not None and not os.path.isfile(args.train_csv):
         problems.append(f"--train_csv {args.train_csv}: no such file")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+    common.refuse(problems)
 
 
 def check_same_weights(cfg, args: Args, ckpt: str):

@@ -65,6 +65,89 @@ def test_every_help_works(script):
             assert f"--{field}" in text
 
 
+# ---- flags: checked before any work, one message per stage ------------------------------------------------
+
+STAGES = {"sft": (sft.Args, sft.check_args), "grpo": (grpo.Args, grpo.check_args),
+          "eval": (eval_stage.Args, eval_stage.check_args)}
+NO_CUDA = "CUDA is not available here" + (" (this torch build has no CUDA)" if torch.version.cuda is None else
+                                          " (no CUDA GPU is visible)")
+
+
+@pytest.mark.parametrize("stage, argv, message", [
+    ("sft", ["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    ("sft", ["--lr", "nan"], "--lr nan: must be a positive number"),
+    ("sft", ["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    ("sft", ["--batch_size", "0", "--warmup_steps", "-1"],
+     "--batch_size 0: must be at least 1; --warmup_steps -1: must be at least 0"),
+    ("grpo", ["--group_size", "0"], "--group_size 0: must be at least 2 (a group of one has no baseline)"),
+    ("grpo", ["--lr", "0"], "--lr 0.0: must be a positive number"),
+    ("grpo", ["--max_new_tokens", "0", "--beta", "-0.1"],
+     "--max_new_tokens 0: must be at least 1; --beta -0.1: must be at least 0"),
+    ("eval", ["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    ("eval", ["--batch_size", "0", "--top_p", "1.5"],
+     "--batch_size 0: must be at least 1; --top_p 1.5: must be at most 1"),
+    ("eval", ["--temperature", "0"], "--temperature 0.0: must be a positive number"),
+    ("sft", ["--device", "tpu"], "--device 'tpu': not a device; use cpu or cuda (cuda:N for one GPU)"),
+    ("grpo", ["--device", "mps"], "--device mps: not supported; use cpu or cuda"),
+    ("eval", ["--device", "cpu:1"], "--device cpu:1: use cpu (the CPU has no index)"),
+])
+def test_bad_flags_are_one_message_before_any_work(stage, argv, message):
+    cls, check = STAGES[stage]
+    with pytest.raises(SystemExit) as e:
+        check(common.parse_args(cls, argv))
+    assert str(e.value) == f"error: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_cuda_without_cuda_is_refused(stage):
+    cls, check = STAGES[stage]
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit) as e:
+            check(common.parse_args(cls, ["--device", device]))
+        assert str(e.value) == f"error: --device {device}: {NO_CUDA}; use --device cpu"
+
+
+def test_a_cuda_device_must_exist(monkeypatch):
+    """With 2 GPUs: cuda:1 is fine in one process; cuda:3 is not there; under torchrun each rank takes
+    cuda:LOCAL_RANK, so an index is refused, and so is a local rank without its GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert common.check_device("cuda:1") == [] and common.check_device("cuda") == []
+    assert common.check_device("cuda:3") == ["--device cuda:3: this machine has 2 CUDA device(s), cuda:0 to cuda:1"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert common.check_device("cuda") == []
+    assert common.check_device("cuda:1") == ["--device cuda:1: under torchrun each rank takes cuda:LOCAL_RANK; pass "
+                                             "--device cuda"]
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert common.check_device("cuda") == ["--device cuda: this machine has 2 CUDA device(s), cuda:0 to cuda:1, and "
+                                           "this is local rank 3"]
+
+
+def test_what_a_user_sees_for_bad_flags_and_a_damaged_checkpoint(synth_data, tmp_path):
+    """As run from a shell: one line on stderr, exit code 1, no traceback, nothing written."""
+    ckpt = tmp_path / "ckpt"
+    M.save_model(M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu"), str(ckpt))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["arch"]["llm"]["num_hidden_layers"] = 2  # arch now disagrees with components (3 layers trained)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    runs = {
+        "sft.py": (["--lr", "-1", "--max_new_tokens", "0", "--device", "tpu", "--out", tmp_path / "o"],
+                   "error: --max_new_tokens 0: must be at least 1; --lr -1.0: must be a positive number; "
+                   "--device 'tpu': not a device; use cpu or cuda (cuda:N for one GPU)"),
+        "eval.py": (["--ckpt", ckpt, "--data", synth_data, "--out", tmp_path / "e"],
+                    f"error: {ckpt}/config.json: the llm was trained as "),
+    }
+    for script, (argv, message) in runs.items():
+        r = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no --out folder made
+
+
 # ---- output folders ---------------------------------------------------------------------------------------
 
 def fake_run(out, args, step=2):
