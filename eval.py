@@ -189,6 +189,8 @@ class Args:
     benchmark: str = field(default="", metadata={"help": "merunibench: evaluate every dataset under --root"})
     root: str | None = field(default=None, metadata={"help": "MER-UniBench folder"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
+    without_subtitles: bool = field(default=False, metadata={"help": "no text modality: read no subtitle file "
+                                                                     "(without it, a missing one is an error)"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (named)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
     out: str | None = field(default=None, metadata={"help": "report folder (default: out/eval/RUN_CHECKPOINT_SPLIT, "
@@ -487,7 +489,9 @@ def eval_main(argv):
     root = args.data or "out/synth"
     if args.benchmark and not os.path.isdir(args.root):
         raise SystemExit(f"error: --root {args.root}: no such folder")
-    labelled = data.read_unibench(args.root) if args.benchmark else {s: data.read_split(root, s) for s in splits}
+    text = not args.without_subtitles
+    labelled = data.read_unibench(args.root, subtitles=text) if args.benchmark else \
+        {s: data.read_split(root, s, subtitles=text) for s in splits}
     d = common.setup_dist(args.device)
     model = model_lib.load_model(ckpt, device=d.device).eval().compile_sampler(args.compile)
     think = resolve_think(args, ckpt)

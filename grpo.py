@@ -65,6 +65,8 @@ class Args:
     lexicon: str = field(default="builtin", metadata={"help": "'builtin' or the official wheel folder"})
     think: bool = field(default=True, metadata={"help": "<think> + <answer> format (--no-think: answer only)"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
+    without_subtitles: bool = field(default=False, metadata={"help": "no text modality: read no subtitle file "
+                                                                     "(without it, a missing one is an error)"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
     lora_r: int = field(default=0, metadata={"help": "train fresh LoRA adapters of this rank (alpha = 2r) on "
@@ -436,11 +438,11 @@ def main(args: Args):
     split = args.train_split
     if split == "rl" and not os.path.isfile(os.path.join(root, "rl.csv")):
         split = "train"  # datasets without a separate RL split train on their training split
-    train = data.read_split(root, split)
+    train = data.read_split(root, split, subtitles=not args.without_subtitles)
     no_signal = [c for c in train if reward.ew_score(reward.parse_labels(c.labels), reward.parse_labels(c.labels),
                                                      lex, args.level) is None]
     train = [c for c in train if c not in no_signal]
-    held = data.read_split(root, args.eval_split)[:args.eval_samples] \
+    held = data.read_split(root, args.eval_split, subtitles=not args.without_subtitles)[:args.eval_samples] \
         if os.path.isfile(os.path.join(root, f"{args.eval_split}.csv")) else []
     stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
     feats, skipped = common.clip_features(model, root, train + held, d, args.feature_cache, args.use_faces,

@@ -98,10 +98,12 @@ def unibench(tmp_path_factory):
     meld = root / "meld-dataset"
     clip_media(meld, "subvideo", "subaudio", ["e1", "e2"])
     save_corpus(meld / "label.npz", {"e1": {"emo": 1, "val": 0}, "e2": {"emo": 2, "val": 0}})  # joy, sadness
+    transcript(meld / "subtitle_chieng.csv", ["e1", "e2"])
     mosi = root / "cmumosi-dataset"
     clip_media(mosi, "subvideo", "subaudio", ["s1", "s2", "s3"])
     save_corpus(mosi / "label.npz", {"s1": {"emo": None, "val": 1.8}, "s2": {"emo": None, "val": -0.6},
                                      "s3": {"emo": None, "val": 0.0}})
+    transcript(mosi / "subtitle_chieng.csv", ["s1", "s2", "s3"])
     return root
 
 
