@@ -11,7 +11,13 @@
 
 The report folder defaults to out/eval/RUN_CHECKPOINT_SPLIT (out/eval/grpo_final_test for out/grpo), so the
 evaluation of another checkpoint never overwrites it; a --out that holds another checkpoint's evaluation is
-refused without --overwrite. The folder, the lexicon and the labels are checked before the model is loaded.
+refused without --overwrite. The flags (check_args), the folder, the lexicon, the labels and the subtitle file
+(`--without_subtitles` evaluates without text on purpose) are checked before the model is loaded.
+
+Counting: every number of a report is over the same clips; clips left out (bad media with --skip_bad_clips, a
+ground truth that maps to no wheel: the EW metric and the HIT rate skip it in every wheel, so leaving it out up
+front changes no value) are named with their reason in summary.md and on the terminal, and metrics.json holds
+n_asked, n_scored and left_out (name -> reason).
 
 Evaluation: greedy decoding, and with `--sample N` also N sampled completions per clip at `--temperature`
 (top_p 0.9 as in the released inference code; the papers' numbers come from such samples); answers parsed from
@@ -324,14 +330,49 @@ def best_completions(outputs: dict, clips, lex, think: bool, w_format: float, mi
     return rows
 
 
+def scored_clips(clips, feats: dict, skipped: dict, why_unscored) -> tuple:
+    """(the clips every number of an evaluation is computed over, name -> why each other clip is left out).
+    Left out: clips with bad media (`skipped`, --skip_bad_clips), and clips for which `why_unscored(clip)`
+    gives a reason (a ground truth that maps to no wheel: the EW metric and the HIT rate skip such a clip in
+    every wheel anyway, so leaving it out up front changes no score and keeps one clip set for all numbers)."""
+    kept, left = [], {}
+    for c in clips:
+        if c.name not in feats:
+            reason = skipped.get(c.name, "no features")
+            left[c.name] = "bad media: " + reason.removeprefix(f"clip {c.name}: ")
+        elif (why := why_unscored(c)) is not None:
+            left[c.name] = why
+        else:
+            kept.append(c)
+    return kept, left
+
+
+def no_wheel(lex):
+    """why_unscored for the EW metric and the HIT rate: a ground truth that maps to no sector of any wheel."""
+    def why(clip):
+        if not any(reward.mapped_sets(parse_labels(clip.labels), lex, 1)):
+            return f"its ground truth {clip.labels or repr('')} maps to no wheel"
+        return None
+    return why
+
+
+def clip_counts(asked: list, left_out: dict) -> dict:
+    """The counts a report states: clips asked for, scored, and each one left out with its reason."""
+    return {"n_asked": len(asked), "n_scored": len(asked) - len(left_out), "left_out": left_out}
+
+
 def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
-    ablated modality. Returns (metrics, per-clip rows)."""
+    ablated modality, all over the same clips (scored_clips). Returns (metrics, per-clip rows)."""
     feats, skipped = common.clip_features(model, root, clips, d, args.feature_cache, args.use_faces,
                                           args.skip_bad_clips)
-    clips = [c for c in clips if c.name in feats]
+    asked = clips
+    clips, left_out = scored_clips(asked, feats, skipped, no_wheel(lex))
+    if not clips:
+        raise data.DataError(f"{root}: none of the {len(asked)} clips can be scored, e.g. "
+                             + "; ".join(f"{n}: {why}" for n, why in list(left_out.items())[:3]))
     gts = {c.name: c.labels for c in clips}
-    metrics = {"skipped_clips": len(skipped), "skipped": dict(skipped)}
+    metrics = clip_counts(asked, left_out)
     rows = []
     for mode, draws in [("greedy", 0)] + ([("sampled", args.sample)] if args.sample else []):
         outputs = generate_all(model, clips, feats, args, d, think, draws, desc=mode)
@@ -368,20 +409,23 @@ def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> d
     for name, (task, folder, clips, corpus) in sets.items():
         feats, skipped = common.clip_features(model, folder, clips, d, args.feature_cache, args.use_faces,
                                               args.skip_bad_clips)
-        clips = [c for c in clips if c.name in feats]
+        # sentiment is scored on clips of non-zero valence (positive vs negative), the rest on the wheels
+        unscored = (lambda c: None if corpus[c.name][1] else "its valence is 0 or missing (scored: > 0 vs < 0)") \
+            if task == "sentiment" else no_wheel(lex)
+        asked = clips
+        clips, left_out = scored_clips(asked, feats, skipped, unscored)
         outputs = generate_all(model, clips, feats, args, d, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
         answers = {n: reward.extract_answer(t) for n, t in first.items()}
-        row = {"task": task, "n": len(clips), "skipped": len(skipped), "skipped_clips": dict(skipped)}
+        row = {"task": task, **clip_counts(asked, left_out)}
         if task == "ovmer":
             row["score"] = ew_metric(answers, {c.name: c.labels for c in clips}, lex)["fscore"]
         elif task == "hit":
             row["score"] = hit_rate(answers, {c.name: c.labels for c in clips}, lex)
         else:
             polarity = {n: reward.answer_polarity(a, builtin) for n, a in answers.items()}
-            valence = {c.name: corpus[c.name][1] for c in clips if corpus[c.name][1] is not None}
-            s = reward.sentiment_scores(polarity, valence)
-            row.update(score=s["weighted_f1"], accuracy=s["accuracy"], n=s["n"])
+            s = reward.sentiment_scores(polarity, {c.name: corpus[c.name][1] for c in clips})
+            row.update(score=s["weighted_f1"], accuracy=s["accuracy"])
         table[name] = row
     scores = [r["score"] for r in table.values() if r["score"] is not None]
     return {"datasets": table, "missing": [n for n in UNIBENCH if n not in sets],
@@ -411,12 +455,19 @@ def write_reports(out: str, metrics: dict, rows: list | None):
             f.write(summary_markdown(metrics))
 
 
-def skipped_lines(skipped: dict, where: str = "") -> list:
-    """Markdown lines naming every clip left out for bad media, with the reason."""
-    if not skipped:
+def left_out_lines(m: dict, where: str = "") -> list:
+    """Markdown lines naming every clip left out of the scores, with the reason."""
+    if not m["left_out"]:
         return []
-    return ["", f"Skipped {len(skipped)} clips{where} with bad media (left out of every score):"] + \
-        [f"- {reason}" for reason in skipped.values()]
+    return ["", f"Left out of every score{where}: {len(m['left_out'])} of {m['n_asked']} clips:"] + \
+        [f"- {name}: {reason}" for name, reason in m["left_out"].items()]
+
+
+def scored_text(m: dict) -> str:
+    """'scored 3 of 4 clips (1 left out: see below)', or 'scored 4 clips' when none was left out."""
+    if not m["left_out"]:
+        return f"scored {m['n_scored']} clips"
+    return f"scored {m['n_scored']} of {m['n_asked']} clips ({len(m['left_out'])} left out, listed below)"
 
 
 def summary_markdown(m: dict) -> str:
@@ -424,14 +475,14 @@ def summary_markdown(m: dict) -> str:
     lines = [f"# Evaluation of `{m['ckpt']}`", ""]
     if "unibench" in m:
         u = m["unibench"]
-        lines += ["| dataset | task | score | accuracy | n | skipped |", "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} | "
-                  f"{r['skipped']} |" for k, r in u["datasets"].items()]
+        lines += ["| dataset | task | score | accuracy | scored | of |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n_scored']} | "
+                  f"{r['n_asked']} |" for k, r in u["datasets"].items()]
         lines += [f"| **mean** | | {pct(u['mean'])} | | | |", "", f"missing datasets: {', '.join(u['missing'])}"]
         for k, r in u["datasets"].items():
-            lines += skipped_lines(r.get("skipped_clips", {}), f" of {k}")
+            lines += left_out_lines(r, f" of {k}")
         return "\n".join(lines) + "\n"
-    lines += [f"split `{m['split']}` of `{m['data']}`, {m['greedy']['n_clips']} clips, think={m['think']}", "",
+    lines += [f"split `{m['split']}` of `{m['data']}`, {scored_text(m)}, think={m['think']}", "",
               "| decoding | level | EW-F | precision | recall | format | labels |", "|---|---|---|---|---|---|---|"]
     for name, r in m.items():
         if not isinstance(r, dict) or "n_draws" not in r:
@@ -441,7 +492,7 @@ def summary_markdown(m: dict) -> str:
             lines.append(f"| {title.get(name, name.replace('_', ' ') + ' (greedy)')} | {level} | "
                          f"{pct(r[f'ew_f_l{level}'])} | {pct(r[f'precision_l{level}'])} | "
                          f"{pct(r[f'recall_l{level}'])} | {pct(r['format_rate'])} | {r['n_labels']:.2f} |")
-    lines += skipped_lines(m.get("skipped", {}))
+    lines += left_out_lines(m)
     return "\n".join(lines) + "\n"
 
 
