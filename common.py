@@ -6,29 +6,38 @@ process. nccl on GPU, gloo on CPU. Checkpoints are directories written atomicall
 rename): `OUT/step_000120/` holds the model (model.save_model), `trainer_state.json` (step, data position,
 arguments) and `optimizer.pt` (optimiser, scheduler and RNG states: tensors and plain Python only, loaded
 with weights_only=True). `OUT/latest` names the newest step directory; `OUT/final/` is the last model.
-A failed write (full or read-only disk) removes its partial files and ends the run with one message.
+A failed write (full or read-only disk; whatever the library raises: OSError, torch.save's RuntimeError,
+safetensors' SafetensorError) removes its partial files and ends the run with one message naming the path and
+the cause (`writing`, `write_error`).
 
 Output folders (`check_out`, `start_run`): a folder that holds a run is refused unless `--resume` (which must
 not change what the run computes) or `--overwrite` (which deletes the old run's files, nothing else, once the
-new run has passed its checks). A run stopped by a signal saves and exits with 128 + the signal number.
+new run has passed its checks); what a killed run left there is removed when the next one starts. A run stopped
+by a signal saves and exits with 128 + the signal number. Flag rules shared by the stages' check_args:
+`at_least`, `positive`, `check_device`, `refuse`.
 """
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import data
@@ -50,14 +59,20 @@ class Dist:
         return self.rank == 0
 
 
+def dist_env() -> tuple:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+
+
 def setup_dist(device: str | None = None) -> Dist:
-    """Read the torchrun environment and start the process group (nccl on GPU, gloo on CPU)."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    """Read the torchrun environment and start the process group (nccl on GPU, gloo on CPU). Each rank takes
+    cuda:LOCAL_RANK; a single process takes the index --device names (cuda:1), if any. check_device first."""
+    rank, local_rank, world = dist_env()
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = torch.device(device).index if device and world == 1 else None
+        dev = torch.device("cuda", local_rank if index is None else index)
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
         if world > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -66,6 +81,53 @@ def setup_dist(device: str | None = None) -> Dist:
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return Dist(rank, local_rank, world, dev)
+
+
+def check_device(device: str | None) -> list:
+    """The problem with --device, if any: it must name a device of this machine that the stages run on (cpu,
+    cuda, cuda:N; under torchrun every rank takes cuda:LOCAL_RANK, so no index). None: cuda when available."""
+    if device is None:
+        return []
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return [f"--device {device!r}: not a device; use cpu or cuda (cuda:N for one GPU)"]
+    if dev.type == "cpu":
+        return [] if dev.index is None else [f"--device {device}: use cpu (the CPU has no index)"]
+    if dev.type != "cuda":
+        return [f"--device {device}: not supported; use cpu or cuda"]
+    if not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        return [f"--device {device}: CUDA is not available here ({build}); use --device cpu"]
+    n, (_, local_rank, world) = torch.cuda.device_count(), dist_env()
+    if world > 1 and dev.index is not None:
+        return [f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda"]
+    if max(dev.index or 0, local_rank) >= n:
+        return [f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+                + (f", and this is local rank {local_rank}" if world > 1 else "")]
+    return []
+
+
+def at_least(args, low, *names) -> list:
+    """A problem for each flag `names` of `args` that is not a finite number >= low (None: the default)."""
+    return [f"--{n} {getattr(args, n)}: must be at least {low}" for n in names
+            if getattr(args, n) is not None and not _finite_at_least(getattr(args, n), low)]
+
+
+def positive(args, *names) -> list:
+    """A problem for each flag `names` of `args` that is not a finite number > 0 (None: the default)."""
+    return [f"--{n} {getattr(args, n)}: must be a positive number" for n in names
+            if getattr(args, n) is not None and not (_finite_at_least(getattr(args, n), 0) and getattr(args, n) > 0)]
+
+
+def _finite_at_least(value, low) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= low  # NaN fails every test
+
+
+def refuse(problems: list):
+    """End the run before any work when a stage's check_args found problems: one message, all of them."""
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
 
 
 def cleanup_dist():
@@ -122,11 +184,9 @@ class Logger:
     def log(self, step: int, metrics: dict, prefix: str = ""):
         if not self.main:
             return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        except OSError as e:  # a full or read-only disk: one message, no traceback
-            raise write_error(self.path, e) from None
+        line = json.dumps({"step": step, "time": time.time(), **metrics}) + "\n"
+        with open_for_append(self.path) as f:  # a failed write: the file as it was, and one message
+            f.write(line)
         shown = "  ".join(f"{k.split('/', 1)[-1]} {_short(v)}" for k, v in metrics.items()
                           if isinstance(v, (int, float)))
         self.write(f"{prefix}step {step:>6}  {shown}")
@@ -138,24 +198,121 @@ def _short(v) -> str:
     return f"{v:.4g}"
 
 
-def write_error(path: str, e: OSError) -> SystemExit:
-    """The one message for a failed write: which path, and why in words."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system"}
-    return SystemExit(f"error: cannot write {path}: {why.get(e.errno, e.strerror or str(e))}")
+# ----------------------------------------------------------------------------------------------------------
+# Writes that fail: one message, nothing left behind
+
+# What a failed write raises: open / json / os.replace / the tokenizer's files an OSError; torch.save a
+# RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos ...", "basic_ios::clear: iostream
+# error"), with no errno; safetensors a SafetensorError ("I/O error: No space left on device (os error 28)").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+       errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+       errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system"}
+FULL_BELOW = 1 << 20  # bytes: a write that failed with less space than this left (or 1% of a small disk) found
+# the disk full; a write that fails on a full disk leaves at most a few blocks
 
 
-def ensure_writable(folder: str):
-    """Create `folder` and write a probe file in it now, so an unwritable folder fails before the long work."""
+def write_error(path: str, e: Exception) -> SystemExit:
+    """The one message for a failed write: which path, and why in words. The reason is the error's errno (an
+    OSError's, or the "(os error N)" that Rust's I/O errors print, as safetensors' do); torch.save's
+    RuntimeError carries none, so there a file system left with next to no free space is "the disk is full",
+    and anything else is the library's own words. Build it BEFORE removing partial files, which frees space."""
+    code = e.errno if isinstance(e, OSError) and e.errno else _os_error_code(str(e))
+    if code in WHY:
+        why = WHY[code]
+    elif code is None and disk_is_full(path):
+        why = "the disk is full"
+    elif isinstance(e, OSError) and e.strerror:
+        why = e.strerror
+    else:
+        why = f"{type(e).__name__}: " + " ".join(str(e).split())  # one line
+    return SystemExit(f"error: cannot write {path}: {why}")
+
+
+def _os_error_code(text: str) -> int | None:
+    found = re.search(r"\(os error (\d+)\)", text)
+    return int(found.group(1)) if found else None
+
+
+def disk_is_full(path: str) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has next to no space left for
+    us: less than FULL_BELOW bytes and less than 1% of its size (root may use the blocks reserved for root,
+    others may not)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < min(FULL_BELOW, st.f_blocks * st.f_frsize / 100)
+
+
+@contextlib.contextmanager
+def writing(path: str, partial=()):
+    """Run a write of `path`: if it fails (WRITE_ERRORS), remove the `partial` files and folders it leaves and
+    end the run with write_error's one message."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        error = write_error(path, e)  # before the clean-up frees the space
+        # NOTE: the library's frames may hold the file open (torch.save's writer, in the traceback of the error
+        # or of the one it was raised while handling): a removed file keeps its space until it is closed
+        cause = e
+        while cause is not None:
+            traceback.clear_frames(cause.__traceback__)
+            cause = cause.__context__
+        for p in partial:
+            _remove(p)
+        raise error from None
+
+
+@contextlib.contextmanager
+def open_for_append(path: str):
+    """open(path, "a") whose failed write (a full disk) cuts the file back to what it held, so no half line
+    stays behind, and ends the run with one message."""
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    try:
+        with open(path, "a") as f:
+            yield f
+    except OSError as e:
+        error = write_error(path, e)
+        with contextlib.suppress(OSError):
+            if size is None:
+                os.remove(path)
+            else:
+                os.truncate(path, size)
+        raise error from None
+
+
+def ensure_writable(folder: str, keep: bool = True):
+    """Write and remove a probe file in `folder` now, so an unwritable folder fails before the long work.
+    keep=False leaves no trace: folders it had to create are removed again (a run refused later leaves nothing)."""
+    made = _missing_parents(folder)
     probe = os.path.join(folder, f".write_test_{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok\n")
-        os.remove(probe)
     except OSError as e:
         raise write_error(folder, e) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if not keep:
+            for path in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+
+
+def _missing_parents(folder: str) -> list:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _share_mode(path: str):
@@ -212,8 +369,14 @@ def run_files(out: str) -> list:
     """The entries of OUT that a run writes: arguments, metrics, checkpoints, the pointer, partial writes."""
     if not os.path.isdir(out):
         return []
-    return sorted(n for n in os.listdir(out) if n in ("args.json", "metrics.jsonl", "latest", "latest.tmp", "final")
-                  or n.startswith(("step_", ".tmp_")))
+    return sorted(n for n in os.listdir(out) if n in ("args.json", "metrics.jsonl", "latest", "final")
+                  or n.startswith("step_") or is_leftover(n))
+
+
+def is_leftover(name: str) -> bool:
+    """A partial write that a killed run leaves in OUT: a checkpoint folder (.tmp_NAME_PID), the pointer, args
+    or metrics being replaced (*.tmp), a write probe (.write_test_PID)."""
+    return name.startswith((".tmp_", ".write_test_")) or name in ("latest.tmp", "args.json.tmp", "metrics.jsonl.tmp")
 
 
 def changed_args(args, saved: dict, grow=()) -> tuple:
@@ -237,11 +400,11 @@ def check_out(args, main: bool = True, say=print, grow=()) -> str | None:
     A folder that holds a run needs --resume or --overwrite. --resume compares the arguments with those the
     latest checkpoint was trained with and refuses a change that alters the run, naming the flags (SAFE_CHANGES
     and a larger value of a `grow` flag pass, and are printed). The folder must be writable. Partial writes that
-    a crash left behind (.tmp_*) are removed."""
+    a killed run left behind (is_leftover) are removed first: they may be what fills the disk."""
     out = args.out
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --out, --overwrite deletes it: choose one")
-    used = [n for n in run_files(out) if not (n.startswith(".tmp_") or n == "latest.tmp")]
+    used = [n for n in run_files(out) if not is_leftover(n)]
     resume_from = None
     if args.resume:
         resume_from = latest_checkpoint(out)
@@ -260,11 +423,11 @@ def check_out(args, main: bool = True, say=print, grow=()) -> str | None:
     elif used and not args.overwrite:
         raise SystemExit(f"error: --out {out} holds a run already ({', '.join(used[:5])}): continue it with "
                          f"--resume, replace it with --overwrite, or choose another --out")
-    ensure_writable(out)
-    if main:
+    if main:  # only rank 0 writes in OUT
         for name in run_files(out):
-            if name.startswith(".tmp_") or name == "latest.tmp":
+            if is_leftover(name):
                 _remove(os.path.join(out, name))
+        ensure_writable(out, keep=False)  # a run refused later must not leave an empty OUT behind
     return resume_from
 
 
@@ -277,21 +440,22 @@ def start_run(args, main: bool, resumed_at: int | None = None):
         return
     path = os.path.join(args.out, "args.json")
     metrics = os.path.join(args.out, "metrics.jsonl")
-    try:
+    with writing(args.out, partial=(path + ".tmp", metrics + ".tmp")):
+        os.makedirs(args.out, exist_ok=True)
         if args.overwrite:
             for name in run_files(args.out):
                 _remove(os.path.join(args.out, name))
         if resumed_at is not None and os.path.isfile(metrics):
             with open(metrics) as f:
                 keep = [line for line in f if _logged_step(line) <= resumed_at]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics + ".tmp", metrics)
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise write_error(path, e) from None
+            with writing(metrics, partial=(metrics + ".tmp",)):
+                with open(metrics + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(metrics + ".tmp", metrics)
+        with writing(path, partial=(path + ".tmp",)):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(args), f, indent=1)
+            os.replace(path + ".tmp", path)
 
 
 def _logged_step(line: str) -> float:
@@ -337,8 +501,8 @@ def save_checkpoint(out: str, name: str, model, optimizer=None, scheduler=None, 
     final = os.path.join(out, name)
     tmp = os.path.join(out, f".tmp_{name}_{os.getpid()}")
     pointer = os.path.join(out, "latest.tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(final, partial=(tmp, pointer)):  # whatever the library raises: one message, no partial files
+        _remove(tmp)
         model_lib.save_model(model, tmp)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state or {}, f, indent=1, default=str)
@@ -353,10 +517,6 @@ def save_checkpoint(out: str, name: str, model, optimizer=None, scheduler=None, 
             with open(pointer, "w") as f:
                 f.write(name + "\n")
             os.replace(pointer, os.path.join(out, "latest"))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove(pointer)
-        raise write_error(final, e) from None
     if name.startswith("step_") and keep_last:
         steps = sorted(d for d in os.listdir(out) if d.startswith("step_"))
         for old in steps[:-keep_last]:
@@ -399,34 +559,45 @@ class StopFlag:
     """Ctrl-C / SIGTERM only set a flag: nothing is raised in the middle of an operation, so a signal cannot be
     swallowed (e.g. by a library's destructor). Feature encoding stops between clips; training saves a
     checkpoint at the next step boundary and then exits with 128 + the signal number (a scheduler must not
-    take a stopped run for a finished one). A second signal ends the process at once."""
+    take a stopped run for a finished one). A second signal to the same process ends it at once.
+
+    NOTE: the handler writes only `own`, and check() writes only `signum` (the value all ranks agreed on): a
+    signal handled while check() waits in its all-reduce must neither be overwritten (lost) nor make this rank
+    stop alone (a hang); it counts at the next check. Under torchrun a rank may learn of the stop from another
+    rank before any signal reaches it: the SIGTERM that torchrun then sends it, once the first rank has exited,
+    is its first own signal and does not cut its exit short."""
 
     def __init__(self):
-        self.signum = 0
+        self.own = 0     # the first signal this process got (the handler's)
+        self.signum = 0  # the signal all ranks agreed to stop on (check's)
+        self.received = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now (a partial checkpoint is cleaned up by the next run)
+        self.received += 1
+        if self.received > 1:  # a second signal: stop now (a partial checkpoint is cleaned up by the next run)
             print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signum = signum
+        self.own = signum
 
     @property
     def raised(self) -> bool:
-        return self.signum > 0
+        """Whether this process should stop (its own signal, or one that all ranks agreed on)."""
+        return bool(self.own or self.signum)
 
     def check(self, device) -> bool:
         """True on every rank once any rank was signalled (so all ranks stop at the same step)."""
-        self.signum = max(self.signum, int(all_reduce_max(float(self.signum), device)))
-        return self.raised
+        agreed = int(all_reduce_max(float(self.own), device))
+        self.signum = self.signum or agreed
+        return self.signum > 0
 
     def exit(self, message: str = ""):
         """After saving: exit with 128 + the signal number, if a signal stopped the run."""
         if self.raised:
             if message:
                 print(message, file=sys.stderr, flush=True)
-            sys.exit(128 + self.signum)
+            sys.exit(128 + (self.signum or self.own))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,6 +644,27 @@ def _cached_skips(path: str) -> dict | None:
         return None
 
 
+def _remove_dead_temporaries(file: str):
+    """Temporary copies of `file` (FILE.HOST.PID.tmp) that runs of this machine killed while writing left behind."""
+    folder, base = os.path.split(file)
+    host = socket.gethostname()
+    for name in os.listdir(folder or "."):
+        parts = name[len(base) + 1:].rsplit(".", 2) if name.startswith(base + ".") else []
+        if len(parts) == 3 and parts[0] == host and parts[2] == "tmp" and parts[1].isdigit() \
+                and not _alive(int(parts[1])):
+            _remove(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and belongs to someone else
+        return True
+    return True
+
+
 def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 16, skip_bad: bool = False,
                     progress: bool = True, stop: StopFlag | None = None) -> dict:
     """Encoder features of every clip of `dataset`, computed once and kept in cache_dir.
@@ -498,15 +690,16 @@ def cached_features(model, dataset, cache_dir: str, d: Dist, batch_size: int = 1
             if stop is None or not stop.raised:
                 raise
         if stop is not None and stop.raised:
-            stop.exit(f"stopped by {signal.Signals(stop.signum).name} while encoding features: nothing was trained")
+            stop.exit(f"stopped by {signal.Signals(stop.own or stop.signum).name} while encoding features: "
+                      "nothing was trained")
         tensors = {f"{name}|{k}": v.contiguous() for name, f in feats.items() for k, v in f.items()}
-        try:
-            save_file(tensors, files[d.rank] + ".tmp", metadata={"skipped": json.dumps(share.skipped)})
-            _share_mode(files[d.rank] + ".tmp")
-            os.replace(files[d.rank] + ".tmp", files[d.rank])
-        except OSError as e:
-            _remove(files[d.rank] + ".tmp")
-            raise write_error(files[d.rank], e) from None
+        # NOTE: a temporary name of this process: two runs that share the cache may write the same file at once
+        tmp = f"{files[d.rank]}.{socket.gethostname()}.{os.getpid()}.tmp"
+        with writing(files[d.rank], partial=(tmp,)):
+            _remove_dead_temporaries(files[d.rank])
+            save_file(tensors, tmp, metadata={"skipped": json.dumps(share.skipped)})
+            _share_mode(tmp)
+            os.replace(tmp, files[d.rank])
     barrier()
     feats = {}
     for file in files:

@@ -57,6 +57,7 @@ layout. Its generative process, which is what makes "RL beats SFT on EW-F" testa
 
 import argparse
 import collections
+import contextlib
 import copy
 import csv
 import json
@@ -104,7 +105,11 @@ def read_table(path: str, required, optional=(), multiline=()) -> list:
     such a field is rows merged by an unbalanced quote) is a DataError naming the file and the line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except OSError as e:  # e.g. no read permission
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    with f:
         reader = csv.reader(f, strict=True)
         rows, start = [], 1  # start: the line the current row begins on
         try:
@@ -281,12 +286,43 @@ def find_unibench(root: str) -> dict:
     return found
 
 
+SUBTITLE_FILES = ("subtitles.csv", "subtitle.csv", "subtitle_chieng.csv", "transcription-engchi-polish.csv",
+                  "transcription_merge.csv")
+SUBTITLE_COLUMNS = ("english", "sentence")
+
+
 def find_subtitles(root: str) -> str | None:
-    for name in ("subtitles.csv", "subtitle.csv", "subtitle_chieng.csv", "transcription-engchi-polish.csv",
-                 "transcription_merge.csv"):
+    for name in SUBTITLE_FILES:
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
     return None
+
+
+def no_subtitles_message(root: str) -> str:
+    """Why a folder has no subtitle file, with a hint: a CSV of another name with a subtitle column (a typo)."""
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.lower().endswith(".csv") and name not in SUBTITLE_FILES:
+            with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
+                with open(os.path.join(root, name), newline="", encoding="utf-8-sig") as f:
+                    header = [h.strip() for h in next(csv.reader(f), [])]
+                if "name" in header and set(SUBTITLE_COLUMNS) & set(header):
+                    found.append(name)
+    hint = (f"; {', '.join(found)} has a subtitle column: rename it to subtitles.csv?" if found else
+            ": a missing download or a misnamed file?")
+    return (f"{root}: no subtitle file (looked for {', '.join(SUBTITLE_FILES)}){hint} To train or evaluate "
+            f"without the text modality on purpose, pass --without_subtitles")
+
+
+def read_subtitles(root: str, subtitles: bool = True) -> dict:
+    """name -> subtitle text of the clips of a folder; a missing subtitle file is a DataError (a run would lose a
+    modality without a word) unless subtitles=False (--without_subtitles), which reads none."""
+    if not subtitles:
+        return {}
+    sub_file = find_subtitles(root)
+    if sub_file is None:
+        raise DataError(no_subtitles_message(root))
+    return read_column(sub_file, SUBTITLE_COLUMNS, free_text=True)
 
 
 @dataclass
@@ -297,13 +333,20 @@ class Clip:
     reason: str | None = None
 
 
-def read_split(root: str, split: str = "train", labels_csv: str | None = None, need_reasons=False) -> list:
+def subtitle_count(clips) -> str:
+    """'N of M clips with subtitle text', for a stage's data line: a clip that the subtitle file lacks (a note of
+    `python data.py check`), or whose subtitle is empty, trains on no text."""
+    return f"{sum(bool(c.subtitle.strip()) for c in clips)} of {len(clips)} clips with subtitle text"
+
+
+def read_split(root: str, split: str = "train", labels_csv: str | None = None, need_reasons=False,
+               subtitles: bool = True) -> list:
     """Clips of one split: DIR/{split}.csv (or an explicit labels CSV) joined with subtitles and reasons. A
-    labels CSV with its own `reason` column (best-of-N completions, rl_oracle.csv) brings its reasons."""
+    labels CSV with its own `reason` column (best-of-N completions, rl_oracle.csv) brings its reasons. The
+    subtitle file must exist unless subtitles=False (read_subtitles); a clip it lacks gets an empty subtitle."""
     labels_csv = labels_csv or os.path.join(root, f"{split}.csv")
     labels = read_column(labels_csv, "openset")
-    sub_file = find_subtitles(root)
-    subtitles = read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
+    subtitles = read_subtitles(root, subtitles)
     own = labels and "reason" in read_table(labels_csv, ["name"], optional=["reason"], multiline=["reason"])[0]
     reason_file = labels_csv if own else os.path.join(root, "reasons.csv")
     reasons = read_column(reason_file, "reason", optional=True, free_text=True)
@@ -315,9 +358,9 @@ def read_split(root: str, split: str = "train", labels_csv: str | None = None, n
     return [Clip(n, labels[n], subtitles.get(n, ""), reasons.get(n)) for n in labels]
 
 
-def read_unibench(root: str) -> dict:
+def read_unibench(root: str, subtitles: bool = True) -> dict:
     """dataset -> (task, folder, clips, corpus) of every MER-UniBench dataset under root (read before any work,
-    so that a bad label file stops the run before the first dataset is evaluated)."""
+    so that a bad label file or a missing subtitle file stops the run before the first dataset is evaluated)."""
     sets = {}
     for name, (folder, label_file) in find_unibench(root).items():
         task, classes, corpus = UNIBENCH[name][0], UNIBENCH[name][3], None
@@ -326,9 +369,8 @@ def read_unibench(root: str) -> dict:
         else:
             corpus = read_unibench_labels(label_file, classes)
             labels = {n: (e or "") for n, (e, _) in corpus.items()}
-        sub_file = find_subtitles(folder)
-        subtitles = read_column(sub_file, ("english", "sentence"), free_text=True) if sub_file else {}
-        sets[name] = (task, folder, [Clip(n, labels[n], subtitles.get(n, "")) for n in labels], corpus)
+        text = read_subtitles(folder, subtitles)
+        sets[name] = (task, folder, [Clip(n, labels[n], text.get(n, "")) for n in labels], corpus)
     return sets
 
 
@@ -454,6 +496,8 @@ class ClipDataset(torch.utils.data.Dataset):
         self.root, self.n_frames, self.image_size = root, n_frames, image_size
         self.audio_clips, self.clip_seconds, self.use_faces = audio_clips, clip_seconds, use_faces
         self.video_dir, self.audio_dir = first_dir(root, VIDEO_DIRS), first_dir(root, AUDIO_DIRS)
+        if use_faces and not os.path.isdir(os.path.join(root, "openface_face")):  # else every clip uses its video
+            raise DataError(f"{root}: --use_faces, but there is no openface_face/ folder of face crops")
         self.clips, self.skipped = [], {}
         for clip in clips:
             missing = [p for p in self.paths(clip.name) if not os.path.isfile(p)]
@@ -541,8 +585,9 @@ def _check_names(path: str, rows: list, problems: list) -> list:
     return names
 
 
-def check_dataset(root: str, n_frames: int = 8, progress: bool = True) -> tuple:
-    """Validate a dataset folder: its CSV files (strict reading, columns, names, labels), and every clip's video
+def check_dataset(root: str, n_frames: int = 8, progress: bool = True, subtitles: bool = True) -> tuple:
+    """Validate a dataset folder: its CSV files (strict reading, columns, names, labels), its subtitle file (a
+    problem when absent, as the stages refuse to run without it, unless subtitles=False), and every clip's video
     (or face crops) and audio decoded as training decodes them. Returns (problems, notes): problems make the
     folder unusable as it is; notes are worth knowing (a clip without subtitle, a clip in two splits)."""
     from tqdm import tqdm
@@ -584,6 +629,11 @@ def check_dataset(root: str, n_frames: int = 8, progress: bool = True) -> tuple:
                          f"{', '.join(empty[:5])}")
     if not n_label_files:
         problems.append(f"{root}: no label table (a CSV with columns name, openset, e.g. train.csv)")
+    if sub_file is None:
+        if subtitles:
+            problems.append(no_subtitles_message(root))
+        else:
+            notes.append(f"{root}: no subtitle file: the stages need --without_subtitles (no text modality)")
     clips = list(dict.fromkeys(n for names in splits.values() for n in names))  # each clip once, in order
     for kind in ("subtitles", "reasons"):
         if kind in tables:
@@ -1053,9 +1103,11 @@ def main(argv=None):
     g.add_argument("--shift-distractor", type=float, default=0.5, help="distractor rate (others: 0.2)")
     c = sub.add_parser("check", help="validate a dataset folder and list every problem (exit 1 when any)")
     c.add_argument("dir", help="dataset folder in the official layout")
+    c.add_argument("--without_subtitles", action="store_true",
+                   help="the folder has no subtitle file on purpose (the stages' --without_subtitles)")
     args = p.parse_args(argv)
     if args.command == "check":
-        problems, notes = check_dataset(args.dir)
+        problems, notes = check_dataset(args.dir, subtitles=not args.without_subtitles)
         for line in notes:
             print(f"note: {line}")
         for line in problems:

@@ -11,7 +11,13 @@
 
 The report folder defaults to out/eval/RUN_CHECKPOINT_SPLIT (out/eval/grpo_final_test for out/grpo), so the
 evaluation of another checkpoint never overwrites it; a --out that holds another checkpoint's evaluation is
-refused without --overwrite. The folder, the lexicon and the labels are checked before the model is loaded.
+refused without --overwrite. The flags (check_args), the folder, the lexicon, the labels and the subtitle file
+(`--without_subtitles` evaluates without text on purpose) are checked before the model is loaded.
+
+Counting: every number of a report is over the same clips; clips left out (bad media with --skip_bad_clips, a
+ground truth that maps to no wheel: the EW metric and the HIT rate skip it in every wheel, so leaving it out up
+front changes no value) are named with their reason in summary.md and on the terminal, and metrics.json holds
+n_asked, n_scored and left_out (name -> reason).
 
 Evaluation: greedy decoding, and with `--sample N` also N sampled completions per clip at `--temperature`
 (top_p 0.9 as in the released inference code; the papers' numbers come from such samples); answers parsed from
@@ -151,15 +157,17 @@ def score_main(argv):
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty")
     args = p.parse_args(argv)
     if args.json:
-        common.ensure_writable(os.path.dirname(args.json) or ".")  # before the work, not after it
+        common.ensure_writable(os.path.dirname(args.json) or ".", keep=False)  # before the work, not after
     try:
         report = score_files(args.pred, args.gt, args.lexicon, args.level, args.task, args.missing_as_empty)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
     print_report(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        with common.writing(args.json, partial=(args.json,)):
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
         print(f"report in {args.json}")
 
 
@@ -187,6 +195,8 @@ class Args:
     benchmark: str = field(default="", metadata={"help": "merunibench: evaluate every dataset under --root"})
     root: str | None = field(default=None, metadata={"help": "MER-UniBench folder"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
+    without_subtitles: bool = field(default=False, metadata={"help": "no text modality: read no subtitle file "
+                                                                     "(without it, a missing one is an error)"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (named)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
     out: str | None = field(default=None, metadata={"help": "report folder (default: out/eval/RUN_CHECKPOINT_SPLIT, "
@@ -203,6 +213,37 @@ class Args:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
     compile: bool | None = field(default=None, metadata={"help": "true | false: sample with the compiled static "
                                                           "KV-cache decode step (default: true with CUDA)"})
+
+
+def splits_of(args: Args) -> list:
+    return [x.strip() for x in args.split.split(",") if x.strip()]
+
+
+def ablations_of(args: Args) -> list:
+    return [x.strip() for x in args.ablate.split(",") if x.strip()]
+
+
+def check_args(args: Args):
+    """Refuse bad arguments before any work (before the model is loaded), with one message naming every bad
+    flag."""
+    problems = []
+    if not set(ablations_of(args)) <= {"video", "audio", "subtitle"}:
+        problems.append(f"--ablate {args.ablate!r}: choose among video, audio, subtitle")
+    if not splits_of(args):
+        problems.append("--split is empty")
+    if args.think not in ("auto", "true", "false"):
+        problems.append(f"--think {args.think!r}: choose auto, true or false")
+    if args.best_csv and (args.sample < 1 or args.benchmark or len(splits_of(args)) > 1):
+        problems.append("--best_csv needs --sample N (N >= 1) on one open-set split")
+    if args.benchmark not in ("", "merunibench") or (args.benchmark and not args.root):
+        problems.append("--benchmark takes 'merunibench' and needs --root DIR")
+    problems += common.at_least(args, 1, "max_new_tokens", "batch_size")
+    problems += common.at_least(args, 0, "sample")
+    problems += common.positive(args, "temperature", "top_p")
+    if args.top_p > 1:
+        problems.append(f"--top_p {args.top_p}: must be at most 1")
+    problems += common.check_device(args.device)
+    common.refuse(problems)
 
 
 def resolve_think(args: Args, ckpt: str) -> bool:
@@ -289,14 +330,49 @@ def best_completions(outputs: dict, clips, lex, think: bool, w_format: float, mi
     return rows
 
 
+def scored_clips(clips, feats: dict, skipped: dict, why_unscored) -> tuple:
+    """(the clips every number of an evaluation is computed over, name -> why each other clip is left out).
+    Left out: clips with bad media (`skipped`, --skip_bad_clips), and clips for which `why_unscored(clip)`
+    gives a reason (a ground truth that maps to no wheel: the EW metric and the HIT rate skip such a clip in
+    every wheel anyway, so leaving it out up front changes no score and keeps one clip set for all numbers)."""
+    kept, left = [], {}
+    for c in clips:
+        if c.name not in feats:
+            reason = skipped.get(c.name, "no features")
+            left[c.name] = "bad media: " + reason.removeprefix(f"clip {c.name}: ")
+        elif (why := why_unscored(c)) is not None:
+            left[c.name] = why
+        else:
+            kept.append(c)
+    return kept, left
+
+
+def no_wheel(lex):
+    """why_unscored for the EW metric and the HIT rate: a ground truth that maps to no sector of any wheel."""
+    def why(clip):
+        if not any(reward.mapped_sets(parse_labels(clip.labels), lex, 1)):
+            return f"its ground truth {clip.labels or repr('')} maps to no wheel"
+        return None
+    return why
+
+
+def clip_counts(asked: list, left_out: dict) -> dict:
+    """The counts a report states: clips asked for, scored, and each one left out with its reason."""
+    return {"n_asked": len(asked), "n_scored": len(asked) - len(left_out), "left_out": left_out}
+
+
 def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
-    ablated modality. Returns (metrics, per-clip rows)."""
+    ablated modality, all over the same clips (scored_clips). Returns (metrics, per-clip rows)."""
     feats, skipped = common.clip_features(model, root, clips, d, args.feature_cache, args.use_faces,
                                           args.skip_bad_clips)
-    clips = [c for c in clips if c.name in feats]
+    asked = clips
+    clips, left_out = scored_clips(asked, feats, skipped, no_wheel(lex))
+    if not clips:
+        raise data.DataError(f"{root}: none of the {len(asked)} clips can be scored, e.g. "
+                             + "; ".join(f"{n}: {why}" for n, why in list(left_out.items())[:3]))
     gts = {c.name: c.labels for c in clips}
-    metrics = {"skipped_clips": len(skipped), "skipped": dict(skipped)}
+    metrics = clip_counts(asked, left_out)
     rows = []
     for mode, draws in [("greedy", 0)] + ([("sampled", args.sample)] if args.sample else []):
         outputs = generate_all(model, clips, feats, args, d, think, draws, desc=mode)
@@ -314,7 +390,8 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
                              "ew_score": "" if score is None else round(score, 6),
                              "format": int(reward.format_ok(text, think))})
     if args.best_csv and d.main:
-        write_csv(args.best_csv, best, ["name", "openset", "reason", "reward"])
+        with common.writing(args.best_csv, partial=(args.best_csv,)):
+            write_csv(args.best_csv, best, ["name", "openset", "reason", "reward"])
     blank = blank_features(model) if ablate else None
     for kind in ablate:
         c2, f2 = without(kind, clips, feats, blank)
@@ -332,20 +409,23 @@ def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> d
     for name, (task, folder, clips, corpus) in sets.items():
         feats, skipped = common.clip_features(model, folder, clips, d, args.feature_cache, args.use_faces,
                                               args.skip_bad_clips)
-        clips = [c for c in clips if c.name in feats]
+        # sentiment is scored on clips of non-zero valence (positive vs negative), the rest on the wheels
+        unscored = (lambda c: None if corpus[c.name][1] else "its valence is 0 or missing (scored: > 0 vs < 0)") \
+            if task == "sentiment" else no_wheel(lex)
+        asked = clips
+        clips, left_out = scored_clips(asked, feats, skipped, unscored)
         outputs = generate_all(model, clips, feats, args, d, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
         answers = {n: reward.extract_answer(t) for n, t in first.items()}
-        row = {"task": task, "n": len(clips), "skipped": len(skipped), "skipped_clips": dict(skipped)}
+        row = {"task": task, **clip_counts(asked, left_out)}
         if task == "ovmer":
             row["score"] = ew_metric(answers, {c.name: c.labels for c in clips}, lex)["fscore"]
         elif task == "hit":
             row["score"] = hit_rate(answers, {c.name: c.labels for c in clips}, lex)
         else:
             polarity = {n: reward.answer_polarity(a, builtin) for n, a in answers.items()}
-            valence = {c.name: corpus[c.name][1] for c in clips if corpus[c.name][1] is not None}
-            s = reward.sentiment_scores(polarity, valence)
-            row.update(score=s["weighted_f1"], accuracy=s["accuracy"], n=s["n"])
+            s = reward.sentiment_scores(polarity, {c.name: corpus[c.name][1] for c in clips})
+            row.update(score=s["weighted_f1"], accuracy=s["accuracy"])
         table[name] = row
     scores = [r["score"] for r in table.values() if r["score"] is not None]
     return {"datasets": table, "missing": [n for n in UNIBENCH if n not in sets],
@@ -363,21 +443,31 @@ def write_csv(path: str, rows: list, fields: list):
 
 
 def write_reports(out: str, metrics: dict, rows: list | None):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    if rows is not None:
-        write_csv(os.path.join(out, "per_clip.csv"), rows, list(rows[0]) if rows else ["name"])
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary_markdown(metrics))
+    """metrics.json, per_clip.csv and summary.md in `out`; a failed write (a full disk) leaves none of them."""
+    files = [os.path.join(out, n) for n in ("metrics.json", "per_clip.csv", "summary.md")]
+    with common.writing(out, partial=files):
+        os.makedirs(out, exist_ok=True)
+        with open(files[0], "w") as f:
+            json.dump(metrics, f, indent=1)
+        if rows is not None:
+            write_csv(files[1], rows, list(rows[0]) if rows else ["name"])
+        with open(files[2], "w") as f:
+            f.write(summary_markdown(metrics))
 
 
-def skipped_lines(skipped: dict, where: str = "") -> list:
-    """Markdown lines naming every clip left out for bad media, with the reason."""
-    if not skipped:
+def left_out_lines(m: dict, where: str = "") -> list:
+    """Markdown lines naming every clip left out of the scores, with the reason."""
+    if not m["left_out"]:
         return []
-    return ["", f"Skipped {len(skipped)} clips{where} with bad media (left out of every score):"] + \
-        [f"- {reason}" for reason in skipped.values()]
+    return ["", f"Left out of every score{where}: {len(m['left_out'])} of {m['n_asked']} clips:"] + \
+        [f"- {name}: {reason}" for name, reason in m["left_out"].items()]
+
+
+def scored_text(m: dict) -> str:
+    """'scored 3 of 4 clips (1 left out: see below)', or 'scored 4 clips' when none was left out."""
+    if not m["left_out"]:
+        return f"scored {m['n_scored']} clips"
+    return f"scored {m['n_scored']} of {m['n_asked']} clips ({len(m['left_out'])} left out, listed below)"
 
 
 def summary_markdown(m: dict) -> str:
@@ -385,14 +475,14 @@ def summary_markdown(m: dict) -> str:
     lines = [f"# Evaluation of `{m['ckpt']}`", ""]
     if "unibench" in m:
         u = m["unibench"]
-        lines += ["| dataset | task | score | accuracy | n | skipped |", "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n']} | "
-                  f"{r['skipped']} |" for k, r in u["datasets"].items()]
+        lines += ["| dataset | task | score | accuracy | scored | of |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {r['task']} | {pct(r['score'])} | {pct(r.get('accuracy'))} | {r['n_scored']} | "
+                  f"{r['n_asked']} |" for k, r in u["datasets"].items()]
         lines += [f"| **mean** | | {pct(u['mean'])} | | | |", "", f"missing datasets: {', '.join(u['missing'])}"]
         for k, r in u["datasets"].items():
-            lines += skipped_lines(r.get("skipped_clips", {}), f" of {k}")
+            lines += left_out_lines(r, f" of {k}")
         return "\n".join(lines) + "\n"
-    lines += [f"split `{m['split']}` of `{m['data']}`, {m['greedy']['n_clips']} clips, think={m['think']}", "",
+    lines += [f"split `{m['split']}` of `{m['data']}`, {scored_text(m)}, think={m['think']}", "",
               "| decoding | level | EW-F | precision | recall | format | labels |", "|---|---|---|---|---|---|---|"]
     for name, r in m.items():
         if not isinstance(r, dict) or "n_draws" not in r:
@@ -402,7 +492,7 @@ def summary_markdown(m: dict) -> str:
             lines.append(f"| {title.get(name, name.replace('_', ' ') + ' (greedy)')} | {level} | "
                          f"{pct(r[f'ew_f_l{level}'])} | {pct(r[f'precision_l{level}'])} | "
                          f"{pct(r[f'recall_l{level}'])} | {pct(r['format_rate'])} | {r['n_labels']:.2f} |")
-    lines += skipped_lines(m.get("skipped", {}))
+    lines += left_out_lines(m)
     return "\n".join(lines) + "\n"
 
 
@@ -426,7 +516,7 @@ def check_out(out: str, ckpt: str, overwrite: bool):
             other = "an unreadable metrics.json"
         if other != os.path.abspath(ckpt):
             sys.exit(f"error: --out {out} holds the evaluation of {other}; choose another --out, or --overwrite")
-    common.ensure_writable(out)
+    common.ensure_writable(out, keep=False)  # a run refused later leaves no empty folder
 
 
 def eval_main(argv):
@@ -434,16 +524,8 @@ def eval_main(argv):
     argv = ["--think=false" if a in ("--no-think", "--no_think") else "--think=true" if a == "--think" else a
             for a in argv]
     args = common.parse_args(Args, argv)
-    ablate = [x.strip() for x in args.ablate.split(",") if x.strip()]
-    if not set(ablate) <= {"video", "audio", "subtitle"}:
-        raise SystemExit(f"error: --ablate {args.ablate!r}: choose among video, audio, subtitle")
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    if not splits:
-        raise SystemExit("error: --split is empty")
-    if args.best_csv and (args.sample < 1 or args.benchmark or len(splits) > 1):
-        raise SystemExit("error: --best_csv needs --sample N (N >= 1) on one open-set split")
-    if args.benchmark not in ("", "merunibench") or (args.benchmark and not args.root):
-        raise SystemExit("error: --benchmark takes 'merunibench' and needs --root DIR")
+    check_args(args)
+    ablate, splits = ablations_of(args), splits_of(args)
     try:
         ckpt = common.resolve_checkpoint(args.ckpt)
     except FileNotFoundError as e:
@@ -452,11 +534,15 @@ def eval_main(argv):
     out = args.out or default_out(ckpt, args)
     for where in [out] if len(splits) == 1 else [os.path.join(out, s) for s in splits]:
         check_out(where, ckpt, args.overwrite)
+    if args.best_csv:
+        common.ensure_writable(os.path.dirname(args.best_csv) or ".", keep=False)
     lex = load_lexicon(args.lexicon)
     root = args.data or "out/synth"
     if args.benchmark and not os.path.isdir(args.root):
         raise SystemExit(f"error: --root {args.root}: no such folder")
-    labelled = data.read_unibench(args.root) if args.benchmark else {s: data.read_split(root, s) for s in splits}
+    text = not args.without_subtitles
+    labelled = data.read_unibench(args.root, subtitles=text) if args.benchmark else \
+        {s: data.read_split(root, s, subtitles=text) for s in splits}
     d = common.setup_dist(args.device)
     model = model_lib.load_model(ckpt, device=d.device).eval().use_sampler(args.compile)
     think = resolve_think(args, ckpt)
@@ -563,7 +649,8 @@ def plot_main(argv):
     common.ensure_writable(args.out)
     fig = plot_runs(runs, plt)
     out = os.path.join(args.out, "curves.png")
-    fig.savefig(out, dpi=110)
+    with common.writing(out, partial=(out,)):
+        fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
 

@@ -65,6 +65,8 @@ class Args:
     lexicon: str = field(default="builtin", metadata={"help": "'builtin' or the official wheel folder"})
     think: bool = field(default=True, metadata={"help": "<think> + <answer> format (--no-think: answer only)"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
+    without_subtitles: bool = field(default=False, metadata={"help": "no text modality: read no subtitle file "
+                                                                     "(without it, a missing one is an error)"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
     lora_r: int = field(default=0, metadata={"help": "train fresh LoRA adapters of this rank (alpha = 2r) on "
@@ -475,24 +477,30 @@ def show_samples(ep: Episodes, w_format: float, say):
 
 
 def check_args(args: Args):
+    """Refuse bad arguments before any work, with one message naming every bad flag."""
     problems = []
     for name, allowed in (("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS), ("adv_scale", ("std", "none")),
                           ("truncated", ("keep", "drop")), ("penalty", reward.PENALTIES),
                           ("accuracy", tuple(reward.ACCURACY))):
         if getattr(args, name) not in allowed:
             problems.append(f"--{name} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("group_size", "clips_per_step", "mu", "micro_batch", "max_new_tokens", "log_every"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1")
     if args.group_size < 2:
-        problems.append("--group_size must be at least 2 (a group of one has no baseline)")
-    if args.temperature <= 0:
-        problems.append("--temperature must be > 0")
+        problems.append(f"--group_size {args.group_size}: must be at least 2 (a group of one has no baseline)")
+    problems += common.at_least(args, 1, "clips_per_step", "mu", "micro_batch", "max_new_tokens", "log_every")
+    problems += common.at_least(args, 0, "lora_r", "max_steps", "warmup_steps", "eval_every", "eval_samples",
+                                "save_every", "show_every", "keep_last", "stop_after", "weight_decay", "grad_clip",
+                                "eps_low", "eps_high", "beta")
+    problems += common.positive(args, "lr", "temperature")
+    if args.level not in (1, 2):
+        problems.append(f"--level {args.level}: choose 1 or 2")
     if args.top_p != 1.0 or args.top_k != 0:  # the loss scores softmax(logits / T): sampling must not cut it
         problems.append(f"--top_p {args.top_p} --top_k {args.top_k}: GRPO samples without a cut (top_p 1, top_k 0), "
                         f"as the loss scores the uncut distribution (use --temperature to sharpen)")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+    problems += common.check_device(args.device)
+    root = args.data or "out/synth"  # a held-out split named on purpose must exist (the default may not)
+    if args.eval_split != "val" and os.path.isdir(root) and not os.path.isfile(f"{root}/{args.eval_split}.csv"):
+        problems.append(f"--eval_split {args.eval_split}: no {args.eval_split}.csv in {root}")
+    common.refuse(problems)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,10 +535,10 @@ def load_clips(policy, args: Args, dist_env, lex, signals, say) -> tuple:
     split = args.train_split
     if split == "rl" and not os.path.isfile(os.path.join(root, "rl.csv")):
         split = "train"  # datasets without a separate RL split train on their training split
-    clips = data.read_split(root, split)
+    clips = data.read_split(root, split, subtitles=not args.without_subtitles)
     train = [c for c in clips if reward.has_signal(c.labels, lex, args.level)]
     n_silent = len(clips) - len(train)
-    held = data.read_split(root, args.eval_split)[:args.eval_samples] \
+    held = data.read_split(root, args.eval_split, subtitles=not args.without_subtitles)[:args.eval_samples] \
         if os.path.isfile(os.path.join(root, f"{args.eval_split}.csv")) else []
     feats, skipped = common.clip_features(policy, root, train + held, dist_env, args.feature_cache, args.use_faces,
                                           args.skip_bad_clips, signals)

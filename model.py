@@ -977,6 +977,11 @@ def save_model(model: AffectGPT, path: str):
     model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
 
 
+class CheckpointError(data.DataError):
+    """A checkpoint that cannot be loaded as it is (an edited or damaged config.json, weights that do not fit):
+    names the file and the problem; the stages end with its message, not a traceback."""
+
+
 def _load_into(model: nn.Module, tensors: dict, expected: dict, file: str):
     """Copy tensors into the model's parameters/buffers, refusing missing, unexpected or mis-shaped ones."""
     missing = sorted(set(expected) - set(tensors))
@@ -986,8 +991,9 @@ def _load_into(model: nn.Module, tensors: dict, expected: dict, file: str):
     if missing or unexpected or bad:
         lines = ([f"shape mismatch {b}" for b in bad[:10]] + [f"missing {k}" for k in missing[:10]]
                  + [f"unexpected {k}" for k in unexpected[:10]])
-        raise ValueError(f"{file} does not fit the model built from its config.json ({len(bad)} shape mismatches, "
-                         f"{len(missing)} missing, {len(unexpected)} unexpected tensors):\n  " + "\n  ".join(lines))
+        raise CheckpointError(f"{file} does not fit the model built from its config.json ({len(bad)} shape "
+                              f"mismatches, {len(missing)} missing, {len(unexpected)} unexpected tensors):\n  "
+                              + "\n  ".join(lines))
     with torch.no_grad():
         for k, t in tensors.items():
             expected[k].copy_(t)
@@ -999,17 +1005,20 @@ def load_model(path: str, device=None) -> AffectGPT:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path} is not a checkpoint (no config.json)")
-    with open(cfg_file) as f:
-        raw = json.load(f)
-    raw["lora_targets"] = tuple(raw["lora_targets"])
-    cfg = ModelConfig(**raw)
+    try:
+        with open(cfg_file) as f:
+            raw = json.load(f)
+        raw["lora_targets"] = tuple(raw["lora_targets"])
+        cfg = ModelConfig(**raw)
+    except (ValueError, TypeError, KeyError) as e:  # not JSON, or not the fields of a ModelConfig
+        raise CheckpointError(f"{cfg_file}: not a config.json that AffectRL wrote ({type(e).__name__}: {e})") from None
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
     model = build_model(cfg, device=device, tokenizer=tokenizer)
     for part, saved in cfg.components.items():  # the named weights must still be what was trained on
         now = model.cfg.components[part]
         if {k: saved.get(k) for k in now} != now:
-            raise ValueError(f"{cfg_file}: the {part} was trained as {saved}, but {saved.get('weights')} now "
-                             f"builds {now}")
+            raise CheckpointError(f"{cfg_file}: the {part} was trained as {saved}, but {saved.get('weights')} "
+                                  f"now builds {now}")
     if _base_parts(cfg):
         file = os.path.join(path, "base.safetensors")
         _load_into(model, load_file(file), _frozen_state_dict(model), file)

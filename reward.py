@@ -610,8 +610,11 @@ def read_completion(completion: str | None, path: str | None) -> str:
         raise SystemExit("error: give the completion as an argument, or --file PATH (- for stdin)")
     if completion is not None and completion != "-":
         return completion
-    if completion == "-" or path == "-":
-        return sys.stdin.read()
+    if completion == "-" or path == "-":  # bytes, decoded here: as strict as a file, whatever the locale
+        try:
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: {'--file -' if path else '-'} (stdin): not UTF-8 text ({e})") from None
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

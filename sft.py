@@ -22,6 +22,10 @@ too, since they set the cosine schedule's length) or --overwrite (common.check_o
 Outputs: OUT/step_XXXXXX/ (keep_last of them), OUT/latest, OUT/final/ (loaded by grpo.py and eval.py),
 OUT/metrics.jsonl, OUT/args.json.
 
+Inputs: flags are checked before any work (check_args). A data folder without a subtitle file is refused (a
+missing download or a typo would train without the text modality): `--without_subtitles` trains without it
+on purpose; the data line says how many clips have subtitle text.
+
 Departures from the paper: the paper trains on MER-Caption+ (31k clips) with lr 1e-5; our default is the
 synthetic benchmark and, for the random-init tiny preset, lr 3e-3 with the whole LLM trained (a random base
 has nothing for LoRA to preserve). The held-out split (for loss and a few greedy generations) is carved out
@@ -63,6 +67,8 @@ class Args:
     val_size: int = field(default=64, metadata={"help": "held-out clips from the training split (no val.csv)"})
     think: bool = field(default=True, metadata={"help": "targets with <think> (--no-think: <answer> only)"})
     use_faces: bool = field(default=False, metadata={"help": "read openface_face/ crops instead of video"})
+    without_subtitles: bool = field(default=False, metadata={"help": "no text modality: read no subtitle file "
+                                                                     "(without it, a missing one is an error)"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example (targets are cut, not prompts)"})
     synth_train: int = field(default=800, metadata={"help": "clips of the default synthetic train split"})
@@ -111,11 +117,12 @@ def check_args(args: Args):
         problems.append(f"--preset {args.preset!r}: choose one of {sorted(model_lib.PRESETS)}")
     if args.train_llm not in (None, "lora", "full"):
         problems.append(f"--train_llm {args.train_llm!r}: choose lora or full")
-    for name in ("batch_size", "micro_batch", "log_every"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1")
-    if args.max_steps < 0 or args.epochs <= 0:
-        problems.append("--max_steps must be >= 0 and --epochs > 0")
+    problems += common.at_least(args, 1, "batch_size", "micro_batch", "log_every", "max_new_tokens", "max_length")
+    problems += common.at_least(args, 0, "val_size", "warmup_steps", "max_steps", "eval_every", "eval_samples",
+                                "save_every", "keep_last", "stop_after", "weight_decay", "grad_clip",
+                                "projector_lr_scale")
+    problems += common.positive(args, "lr", "epochs")
+    problems += common.check_device(args.device)
     if args.init is not None and not os.path.exists(args.init):
         problems.append(f"--init {args.init}: no such checkpoint")
     given = [p for p in ("llm", "vision", "audio") if getattr(args, p) is not None]
@@ -126,8 +133,7 @@ def check_args(args: Args):
         problems += [f"--{p} {why}" for p in given if (why := model_lib.check_weights(p, getattr(args, p)))]
     if args.train_csv is not None and not os.path.isfile(args.train_csv):
         problems.append(f"--train_csv {args.train_csv}: no such file")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+    common.refuse(problems)
 
 
 def check_same_weights(cfg, args: Args, ckpt: str):
@@ -231,9 +237,11 @@ def main(args: Args):
         common.barrier()
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such folder")
-    clips = data.read_split(root, args.train_split, labels_csv=args.train_csv, need_reasons=args.think)
+    text = not args.without_subtitles
+    clips = data.read_split(root, args.train_split, labels_csv=args.train_csv, need_reasons=args.think,
+                            subtitles=text)
     if os.path.isfile(os.path.join(root, "val.csv")):
-        train_clips, val_clips = clips, data.read_split(root, "val", need_reasons=args.think)
+        train_clips, val_clips = clips, data.read_split(root, "val", need_reasons=args.think, subtitles=text)
     else:  # a fixed, seeded hold-out of the training split
         order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(1234)).tolist()
         held = set(order[:args.val_size])
@@ -275,8 +283,10 @@ def main(args: Args):
                          f"at most the {len(train_ex)} training clips")
     steps_per_epoch = len(train_ex) // args.batch_size
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-    say(f"data: {root}, {len(train_ex)} train / {len(val_ex)} held-out clips, {total} steps of "
-        f"{args.batch_size} clips ({steps_per_epoch} per epoch), think={args.think}")
+    say(f"data: {root}, {len(train_ex)} train / {len(val_ex)} held-out clips"
+        + ("" if os.path.isfile(os.path.join(root, "val.csv")) else " (carved out of the training split: no val.csv)")
+        + f", {total} steps of {args.batch_size} clips ({steps_per_epoch} per epoch), think={args.think}; "
+        + (f"subtitles: {data.subtitle_count(train_clips + val_clips)}" if text else "without subtitles"))
 
     # ---- optimiser --------------------------------------------------------------------------------------
     lr = args.lr if args.lr is not None else (3e-3 if cfg.preset == "tiny" else 1e-5)

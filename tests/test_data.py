@@ -113,10 +113,42 @@ def test_csv_errors_name_file_and_columns(tmp_path):
     with pytest.raises(data.DataError, match=r"train.csv, line 2: expected 2 fields, got 3"):
         data.read_split(str(tmp_path), "train")
     bad.write_text("name,openset\na,happy\n")
+    (tmp_path / "subtitle_chieng.csv").write_text("name,chinese,english\na,你好,hello there\n")
     with pytest.raises(data.DataError, match="think mode needs a reason"):
         data.read_split(str(tmp_path), "train", need_reasons=True)
-    (tmp_path / "subtitle_chieng.csv").write_text("name,chinese,english\na,你好,hello there\n")
     assert data.read_split(str(tmp_path), "train")[0].subtitle == "hello there"
+
+
+def test_a_lost_subtitle_file_is_refused_not_trained_around(tmp_path):
+    """Labels without a subtitle file are a missing download or a typo: every stage refuses them (read_split is
+    their one reader), naming what it looked for, unless told --without_subtitles; `data.py check` agrees."""
+    (tmp_path / "train.csv").write_text("name,openset\na,['happy']\nb,['sad']\n")
+    ov = tmp_path / "ub" / "ovmerdplus-process"  # a MER-UniBench dataset: the same rule
+    ov.mkdir(parents=True)
+    (ov / "track2_test.csv").write_text("name,openset\no1,['happy']\n")
+    for folder, call in ((tmp_path, lambda: data.read_split(str(tmp_path), "train")),
+                         (ov, lambda: data.read_unibench(str(tmp_path / "ub")))):
+        with pytest.raises(data.DataError, match=rf"{folder}: no subtitle file \(looked for subtitles.csv, .*\): "
+                                                 r"a missing download or a misnamed file\? .*--without_subtitles"):
+            call()
+    assert data.read_unibench(str(tmp_path / "ub"), subtitles=False)["ovmerdplus"][2][0].subtitle == ""
+    (tmp_path / "subtitels.csv").write_text("name,english\na,hello\n")  # a typo in the name
+    with pytest.raises(data.DataError, match=r"subtitels.csv has a subtitle column: rename it to subtitles.csv"):
+        data.read_split(str(tmp_path), "train")
+    assert [c.subtitle for c in data.read_split(str(tmp_path), "train", subtitles=False)] == ["", ""]
+    problems, notes = data.check_dataset(str(tmp_path), progress=False)
+    assert any("no subtitle file" in p and "subtitels.csv has a subtitle column" in p for p in problems), problems
+    problems, notes = data.check_dataset(str(tmp_path), progress=False, subtitles=False)
+    assert not any("no subtitle file" in p for p in problems) and any("no subtitle file" in n for n in notes)
+    (tmp_path / "subtitels.csv").rename(tmp_path / "subtitles.csv")  # found: a clip it lacks is counted
+    clips = data.read_split(str(tmp_path), "train")
+    assert [c.subtitle for c in clips] == ["hello", ""]
+    assert data.subtitle_count(clips) == "1 of 2 clips with subtitle text"
+
+
+def test_use_faces_needs_the_face_folder(tmp_path):
+    with pytest.raises(data.DataError, match=rf"{tmp_path}: --use_faces, but there is no openface_face/ folder"):
+        data.ClipDataset(str(tmp_path), [data.Clip("a", "['happy']")], 8, 32, 2, 1.0, use_faces=True)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -291,6 +323,31 @@ def test_skipping_bad_clips_is_decided_by_each_run(tiny_model, tmp_path):
     for skip in (True, False):
         feats, ds = cache_run(tiny_model, root, tmp_path / "cache", skip_bad=skip)
         assert bad in feats and not ds.skipped and same(feats, direct(tiny_model, root, set(feats)))
+
+
+def test_two_runs_writing_the_same_cache_file_at_once(tiny_model, tmp_path, monkeypatch):
+    """Two runs that share a feature cache (reproduce.sh's parallel evaluations) may both find a file missing and
+    write it. With one temporary name for both, the second run's rename found the temporary gone (the first had
+    renamed it) and ended with 'cannot write'; each process now writes its own temporary. The interleaving is
+    made here: the other run writes and renames while this one is between its write and its rename."""
+    import common
+    root = tmp_path / "synth"
+    data.synthesize(str(root), n_train=3, n_test=1, seed=0, progress=False)
+    real_save, other = common.save_file, []
+
+    def save_while_another_run_writes(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        if not other:  # the other run (another pid) does all of its work now
+            other.append(1)
+            with monkeypatch.context() as m:
+                m.setattr(common.os, "getpid", lambda: 4_000_000)
+                other.append(cache_run(tiny_model, root, tmp_path / "cache")[0])
+
+    monkeypatch.setattr(common, "save_file", save_while_another_run_writes)
+    feats, _ = cache_run(tiny_model, root, tmp_path / "cache")
+    assert same(feats, other[1]) and same(feats, direct(tiny_model, root, set(feats)))
+    files = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(files) == 1 and files[0].startswith("features_") and files[0].endswith("_0of1.safetensors"), files
 
 
 def test_a_signal_stops_feature_encoding(tiny_model, tmp_path, monkeypatch):
@@ -519,6 +576,7 @@ def test_labels_csv_with_its_own_reasons(tmp_path):
     (tmp_path / "train.csv").write_text("name,openset\na,['sad']\n")
     (tmp_path / "reasons.csv").write_text("name,reason\na,from reasons.csv\n")
     (tmp_path / "best.csv").write_text("name,openset,reason,reward\na,\"['happy']\",from best.csv,1.5\n")
+    (tmp_path / "subtitles.csv").write_text("name,english\na,hello\n")
     assert data.read_split(str(tmp_path), "train")[0].reason == "from reasons.csv"
     clip = data.read_split(str(tmp_path), "train", labels_csv=str(tmp_path / "best.csv"), need_reasons=True)[0]
     assert (clip.labels, clip.reason) == ("['happy']", "from best.csv")

@@ -98,10 +98,12 @@ def unibench(tmp_path_factory):
     meld = root / "meld-dataset"
     clip_media(meld, "subvideo", "subaudio", ["e1", "e2"])
     save_corpus(meld / "label.npz", {"e1": {"emo": 1, "val": 0}, "e2": {"emo": 2, "val": 0}})  # joy, sadness
+    transcript(meld / "subtitle_chieng.csv", ["e1", "e2"])
     mosi = root / "cmumosi-dataset"
     clip_media(mosi, "subvideo", "subaudio", ["s1", "s2", "s3"])
     save_corpus(mosi / "label.npz", {"s1": {"emo": None, "val": 1.8}, "s2": {"emo": None, "val": -0.6},
                                      "s3": {"emo": None, "val": 0.0}})
+    transcript(mosi / "subtitle_chieng.csv", ["s1", "s2", "s3"])
     return root
 
 
@@ -136,8 +138,11 @@ def test_merunibench_table(unibench, tiny_ckpt, tmp_path):
     r = run_eval("--ckpt", tiny_ckpt, "--benchmark", "merunibench", "--root", unibench, "--out", out,
                  "--max_new_tokens", 12, "--feature_cache", tmp_path / "f")
     m = json.loads((out / "metrics.json").read_text())["unibench"]
-    assert {k: (v["task"], v["n"]) for k, v in m["datasets"].items()} == {
-        "ovmerdplus": ("ovmer", 3), "mer2023": ("hit", 4), "meld": ("hit", 2), "cmumosi": ("sentiment", 2)}
+    assert {k: (v["task"], v["n_scored"], v["n_asked"]) for k, v in m["datasets"].items()} == {
+        "ovmerdplus": ("ovmer", 3, 3), "mer2023": ("hit", 3, 4), "meld": ("hit", 2, 2), "cmumosi": ("sentiment", 2, 3)}
+    assert m["datasets"]["mer2023"]["left_out"] == {"m2": "its ground truth neutral maps to no wheel"}
+    assert m["datasets"]["cmumosi"]["left_out"] == {"s3": "its valence is 0 or missing (scored: > 0 vs < 0)"}
+    assert "| mer2023 | hit |" in r.stdout and "Left out of every score of mer2023: 1 of 4 clips:" in r.stdout
     assert set(m["missing"]) == {"mer2024", "iemocapfour", "cmumosei", "sims", "simsv2"}
     scores = [v["score"] for v in m["datasets"].values() if v["score"] is not None]
     assert m["mean"] == pytest.approx(sum(scores) / len(scores))
@@ -157,7 +162,7 @@ def test_merunibench_scores_by_hand(unibench, lex, monkeypatch):
     m = ev.evaluate_unibench(None, ev.Args(root=str(unibench)), common.Dist(), True, lex)
     scores = {k: v["score"] for k, v in m["datasets"].items()}
     assert scores == pytest.approx({"ovmerdplus": 2 / 3, "mer2023": 2 / 3, "meld": 1 / 2, "cmumosi": 1 / 3})
-    assert m["datasets"]["cmumosi"]["accuracy"] == pytest.approx(1 / 2) and m["datasets"]["cmumosi"]["n"] == 2
+    assert m["datasets"]["cmumosi"]["accuracy"] == pytest.approx(1 / 2) and m["datasets"]["cmumosi"]["n_scored"] == 2
     assert m["mean"] == pytest.approx(13 / 24)
 
 
@@ -198,11 +203,40 @@ def test_eval_lists_skipped_clips_and_its_reports(synth_data, tiny_ckpt, tmp_pat
     out, err = capsys.readouterr()
     assert "greedy" in err  # the progress bar
     for name in (test[1], test[3], test[4]):
-        assert f"- clip {name}: " in out and f"- clip {name}: " in (tmp_path / "ev" / "summary.md").read_text()
-    assert "Skipped 3 clips with bad media" in out
+        assert f"- {name}: bad media: " in out
+        assert f"- {name}: bad media: " in (tmp_path / "ev" / "summary.md").read_text()
+    assert "scored 13 of 16 clips (3 left out, listed below)" in out
+    assert "Left out of every score: 3 of 16 clips:" in out
     assert f"reports in {tmp_path / 'ev'}/: metrics.json, summary.md, per_clip.csv" in out
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert sorted(m["skipped"]) == sorted([test[1], test[3], test[4]]) and m["greedy"]["n_clips"] == 13
+    assert sorted(m["left_out"]) == sorted([test[1], test[3], test[4]]) and m["greedy"]["n_clips"] == 13
+    assert (m["n_asked"], m["n_scored"]) == (16, 13)
+
+
+def test_eval_counts_what_it_scores(lex, monkeypatch):
+    """A clip whose ground truth maps to no wheel is left out of every number, named with its reason, and the
+    report says how many clips were scored of how many asked; the EW values are the official metric's."""
+    gts = {"a": "['happy']", "b": "['sad', 'angry']", "c": "['happy']", "x": "['neutral']"}
+    texts = {"a": "happy", "b": "sad", "c": "sad", "x": "neutral"}
+    texts = {n: [f"<think>t</think><answer>{a}</answer>"] for n, a in texts.items()}
+    generated = []
+    monkeypatch.setattr(common, "clip_features", lambda model, root, clips, d, *a: ({c.name: {} for c in clips}, {}))
+    monkeypatch.setattr(ev, "generate_all", lambda model, clips, feats, args, d, think, *a, **kw: generated.extend(
+        c.name for c in clips) or {c.name: texts[c.name] for c in clips})
+    clips = [data.Clip(n, g) for n, g in gts.items()]
+    m, rows = ev.evaluate_openset(None, "DIR", clips, ev.Args(), common.Dist(), True, lex, [])
+    assert (m["n_asked"], m["n_scored"], m["greedy"]["n_clips"]) == (4, 3, 3)
+    assert m["left_out"] == {"x": "its ground truth ['neutral'] maps to no wheel"}
+    assert generated == ["a", "b", "c"] and [r["name"] for r in rows] == ["a", "b", "c"]
+    answers = {n: reward.extract_answer(t[0]) for n, t in texts.items()}
+    official = reward.ew_metric(answers, gts, lex)  # the metric itself skips x in every wheel: the same value
+    assert m["greedy"]["ew_f_l1"] == official["fscore"] == reward.ew_metric(
+        answers, {n: g for n, g in gts.items() if n != "x"}, lex)["fscore"]
+    assert m["greedy"]["format_rate"] == 1.0 and m["greedy"]["n_labels"] == 1.0  # over the 3 scored clips
+    text = ev.summary_markdown({"ckpt": "CKPT", "split": "test", "data": "DIR", "think": True, **m,
+                                "temperature": 1.0, "top_p": 0.9})
+    assert "scored 3 of 4 clips (1 left out, listed below)" in text
+    assert "Left out of every score: 1 of 4 clips:\n- x: its ground truth ['neutral'] maps to no wheel" in text
 
 
 def test_eval_checks_its_inputs_before_the_work(tiny_ckpt, tmp_path, monkeypatch):

@@ -262,9 +262,18 @@ def test_cli_reads_the_completion_from_a_file_or_stdin(capsys, lex, monkeypatch,
     (tmp_path / "c.txt").write_text(text)
     reward.main(["--file", str(tmp_path / "c.txt"), "--gt", "glad, anxious"])
     assert capsys.readouterr().out == want
-    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
     reward.main(["-", "--gt", "glad, anxious"])
     assert capsys.readouterr().out == want
+    # bytes that are not UTF-8: refused from stdin as from a file, whatever the locale decodes stdin with
+    (tmp_path / "latin1.txt").write_bytes("<answer>gl\xe4d</answer>".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"--file .*latin1.txt: cannot read it as UTF-8"):
+        reward.main(["--file", str(tmp_path / "latin1.txt"), "--gt", "glad"])
+    for argv in (["-"], ["--file", "-"]):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("<answer>gl\xe4d</answer>".encode("latin-1")),
+                                                          encoding="latin-1"))
+        with pytest.raises(SystemExit, match=r"\(stdin\): not UTF-8 text"):
+            reward.main(argv + ["--gt", "glad"])
     with pytest.raises(SystemExit, match="give the completion as an argument, or --file"):
         reward.main(["x", "--file", str(tmp_path / "c.txt"), "--gt", "glad"])
     with pytest.raises(SystemExit, match=r"--file .*nope.txt: cannot read it"):

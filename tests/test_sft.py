@@ -123,6 +123,22 @@ def test_bad_arguments_are_clear(synth_data, tmp_path, flags, message):
         sft.main(sft.common.parse_args(sft.Args, argv + flags))
 
 
+def test_a_folder_without_subtitles_trains_only_when_told(synth_data, tmp_path, capsys):
+    """A lost subtitle file is refused before any work; --without_subtitles trains without text, and says so."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synth_data, root)
+    (root / "subtitles.csv").unlink()
+    argv = ["--data", str(root), "--out", str(tmp_path / "o"), "--feature_cache", str(tmp_path / "f"), "--max_steps",
+            "1", "--batch_size", "8", "--micro_batch", "8", "--eval_every", "0", "--eval_samples", "1", *COMMON]
+    with pytest.raises(SystemExit, match=rf"error: {root}: no subtitle file \(looked for subtitles.csv"):
+        data.exit_on_bad_input(sft.main, sft.common.parse_args(sft.Args, argv))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()
+    sft.main(sft.common.parse_args(sft.Args, argv + ["--without_subtitles"]))
+    assert "think=True; without subtitles" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "args.json").read_text())["without_subtitles"] is True
+
+
 def test_unknown_flag_is_an_error():
     r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--bogus", "1"], capture_output=True, text=True,
                        cwd=ROOT)

@@ -3,8 +3,6 @@ the log-probs, the loss and every parameter gradient of scoring each completion 
 prompt (float32, to rounding), whatever the aggregation, KL estimator, micro-batch split, adapters, LM family,
 number of passes or ranks. docs/grpo.md says why it is exact; these tests hold it."""
 
-import dataclasses
-
 import pytest
 import torch
 

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import data
 import grpo
 import model as M
-import reward
 import sft
 from conftest import run_script
 
