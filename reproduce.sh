@@ -159,7 +159,7 @@ stop_all() {
 }
 kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill "$1" 2>/dev/null || true; }
 
-run synth $PY data.py synth --out "$D" --seed 0 $SYNTH
+run synth $PY synth.py --out "$D" --overwrite --seed 0 $SYNTH
 tasks=(); for s in $SEEDS; do tasks+=("sft $s"); done
 pool "${tasks[@]}"
 tasks=()  # the longest branches first, so that no core idles at the end
