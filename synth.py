@@ -1,9 +1,11 @@
-"""synth.py: stage 0, the synthetic benchmark. Writes an OV-MER benchmark in the official layout that the other
-stages read, from one hidden generative process, so that the papers' findings can be tested on a CPU.
+"""synth.py: stage 0, the synthetic benchmark. Writes an OV-MER benchmark and a synthetic MER-UniBench in the
+official layouts that the other stages read, from one hidden generative process, so that every finding of the
+papers can be tested on a CPU.
 
     python synth.py                                   # out/synth (where sft.py looks by default), ~1 min
-    python synth.py --out DIR --seed 1 --n_train 400  # another draw, other sizes
-    python synth.py --out DIR --rl_labels clean --n_test_shift 0   # the first release's benchmark
+    python synth.py --out DIR --seed 1 --unibench 0   # another draw, no MER-UniBench
+    python synth.py --out DIR --rl_labels clean --n_test_shift 0 --unibench 0   # the first release's benchmark
+    python eval.py --ckpt out/grpo --benchmark merunibench --root out/synth/unibench   # score the MER-UniBench
 
 Every flag is also accepted with hyphens (--n-train). The same arguments write the same files, byte for byte.
 An --out that already holds files is refused unless it holds an earlier benchmark and --overwrite is given; the
@@ -50,7 +52,45 @@ video/, audio/, synth.json). Its generative process, which is what makes "RL bea
 6. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
    the sector each cue evidences), e.g. "The face shows red (angry); the voice is high (scared).".
 
-Departures: everything here stands in for gated data (MER-Caption+, MER2025-OV and OV-MERD+).
+The synthetic MER-UniBench (`--unibench N` clips per set, default 120; 0: none), in DIR/unibench/ with the
+folder and label-file names of the releases (data.UNIBENCH), each folder with video/, audio/ and
+subtitles.csv. Its clips come from the same process as the test split (training words, the training splits'
+held-out pairs and modalities avoided, base misleading and distractor rates), each from a random stream of its
+own, so no clip, media file or label of it is in a training split; training never sees these labels, as in the
+papers. The members:
+- `ovmerdplus` (ovmerdplus-process/track2_test.csv): the test split itself, its consensus labels and its media
+  (hard links, or copies where links are impossible), scored by EW-F as OV-MERD+.
+- Basic emotions, scored by the HIT rate. A clip carries ONE sector (a basic-emotion set names one class per
+  clip), or none: a NEUTRAL clip (no disc, no tone, a neutral subtitle; a faint distractor at the base rate),
+  a small extension of the process that the OV-MER splits never use. The class is drawn uniformly among the
+  set's classes that name a hidden sector, and neutral. A class word names the sector of its wheel-1 mapping
+  and maps like that sector's words in every wheel where it maps (checked when writing, and tested):
+  `mer2023` (mer2023-dataset-process/label-6way.npz, 'emo' as a word; the real MER2023's 6 classes neutral,
+  angry, happy, sad, worried, surprise): angry -> mad, happy -> joyful, sad -> sad, worried -> scared
+  (wheels 2-5: angry / anger / anger / anger, happy / joy / joy / joy, sad / sadness x3, fearful / fear x3),
+  neutral -> none (skipped by the HIT rate, as officially), surprise -> no wheel-1 sector: in the class list,
+  never drawn (the hidden process has no such sector). So 4 sectors and neutral, 1/5 each.
+  `iemocapfour` (iemocap-dataset/label_4way.npz, 'emo' as an index into the real IEMOCAP's 4 classes happy,
+  sad, neutral, anger): happy -> joyful, sad -> sad, anger -> mad (noun form, same sectors as angry),
+  neutral -> none. 3 sectors and neutral, 1/4 each; no scared clip, unlike mer2023.
+  Neither set has a peaceful or powerful clip (no class of the real lists names them; wheel 2 folds both
+  into "happy", so a caring answer on a happy clip hits in wheel 2 only, as it would officially).
+- Sentiment, scored by the weighted F1 of the binary sentiment: `cmumosi` (cmumosi-dataset/label.npz, valence
+  in [-3, 3] like CMU-MOSI) and `sims` (sims-dataset/label.npz, valence in [-1, 1] like CH-SIMS), 'emo' None.
+  A clip carries 1-3 sectors as in the test split, or (10%) none; its valence is scale x (positive - negative
+  sectors) / sectors, by the polarity wheel 1 of our lexicon gives each sector (joyful, peaceful, powerful
+  positive; mad, sad, scared negative), so it is exactly 0 for neutral clips and for clips with as many positive
+  as negative sectors (about a third of the clips); the metric removes those, as the official one removes
+  valence 0. The valence is written to the basic sets' 'val' too ([-1, 1]; unused by the HIT rate).
+Label files hold one pickled dict `test_corpus` (name -> {'emo': ..., 'val': ...}) as the releases' do. With
+the default 120 clips per set: 120 x 4 + the 200 test clips; about 80 clips per sentiment set and 96 (mer2023)
+and 90 (iemocapfour) non-neutral clips per HIT set are scored.
+
+Departures: everything here stands in for gated data (MER-Caption+, MER2025-OV, OV-MERD+ and MER-UniBench);
+the real basic-emotion sets are single-label too, but their clips carry mixed, graded emotions, and real
+sentiment is graded by annotators, not counted from sectors. Only 2 of the 4 basic-emotion and 2 of the 4
+sentiment sets of MER-UniBench are made (enough to test the claim; each set costs evaluation time), so the
+synthetic MER-UniBench mean is over 5 scores, not 9.
 """
 
 import collections
@@ -64,6 +104,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 import common
+import data
 from data import SAMPLE_RATE
 from reward import load_lexicon
 
@@ -197,13 +238,16 @@ def _keep_out(shift: Shift, video: list, audio: list, text: list):
 
 
 def _synth_clip(rng: np.random.Generator, pools: dict, noisy: bool, shift: Shift | None = None,
-                shifted: bool = False) -> dict:
+                shifted: bool = False, chosen: list | None = None) -> dict:
     """Draw one clip's hidden sectors, its evidence per modality, labels and reason (no media yet).
     `pools` holds the words this split may use; with `shift`, a training clip avoids what it holds out and a
-    test_shift clip (`shifted`) is made of it."""
+    test_shift clip (`shifted`) is made of it. `chosen` (sector indices) fixes the sectors: one for a
+    basic-emotion clip, none for a neutral clip (no cue in any modality)."""
     sectors = list(pools)
     k = rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])
-    if shifted:  # a held-out pair, and now and then a third sector
+    if chosen is not None:
+        chosen = list(chosen)
+    elif shifted:  # a held-out pair, and now and then a third sector
         pair = list(shift.pairs[int(rng.integers(len(shift.pairs)))])
         rest = [i for i in range(len(sectors)) if i not in pair]
         chosen = pair + ([int(rng.choice(rest))] if k == 3 else [])
@@ -324,17 +368,19 @@ def _write_csv(path: str, header, rows):
 def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True,
                n_val: int = 0, n_rl: int = 0, n_test_shift: int = 0, rl_labels: str = "annotators",
                annotators: Annotators | None = None, held_out_words: int = 2, shift_misleading: float = 0.35,
-               shift_distractor: float = 0.5) -> dict:
+               shift_distractor: float = 0.5, n_unibench: int = 0) -> dict:
     """Write the synthetic benchmark in the official layout; returns a summary. Same arguments -> same files.
     Splits: train (noisy labels and descriptions, for SFT), rl (for GRPO: labels of simulated annotators and no
     descriptions, or with rl_labels="clean" consensus labels and descriptions), val and test (consensus), and
     test_shift (what the training splits hold out). rl, val and test_shift are written only when asked for;
-    with rl annotators, rl_oracle.csv keeps the rl clips' consensus labels and descriptions."""
+    with rl annotators, rl_oracle.csv keeps the rl clips' consensus labels and descriptions. With n_unibench,
+    the synthetic MER-UniBench goes to out/unibench (n_unibench clips per set, and the test split)."""
     from tqdm import tqdm
     if rl_labels not in ("annotators", "clean"):
         raise ValueError(f"rl_labels {rl_labels!r}: choose annotators or clean")
     ann = annotators or Annotators()
-    full = synth_sectors(load_lexicon("builtin"))
+    lex = load_lexicon("builtin")
+    full = synth_sectors(lex)
     shift = None
     if n_test_shift:  # hold out surface words, sector pairs and lone-modality sectors for test_shift
         cut = {s: max(2, len(ws) - held_out_words) for s, ws in full.items()}
@@ -389,10 +435,110 @@ def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, p
         summary["shift"] = {**asdict(shift), "pairs": [[list(full)[a], list(full)[b]] for a, b in shift.pairs],
                             "solo": {list(full)[s]: ("video", "audio")[m] for s, m in shift.solo.items()},
                             "training_words": pools, "held_out_words": shift_pools}
+    if n_unibench:
+        test = [(name, labels, dict(subtitles)[name]) for name, labels in rows["test"]]
+        summary["unibench"] = synthesize_unibench(out, n_unibench, seed, pools, shift, test, lex, progress)
     with open(os.path.join(out, "synth.json"), "w") as f:
         json.dump({**summary, "clips": meta}, f, indent=1)
     return {"out": out, "n_train": n_train, "n_rl": n_rl, "n_val": n_val, "n_test": n_test,
-            "n_test_shift": n_test_shift, "rl_labels": rl_labels, "sectors": list(full)}
+            "n_test_shift": n_test_shift, "rl_labels": rl_labels, "sectors": list(full), "n_unibench": n_unibench}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The synthetic MER-UniBench (folders, label files and class lists: data.UNIBENCH)
+
+# member -> how its label file gives the class ('emo' a word, or an index into the class list) or, for a
+# sentiment set, the valence scale
+UNIBENCH_SETS = {"mer2023": ("hit", "word"), "iemocapfour": ("hit", "index"), "cmumosi": ("sentiment", 3.0),
+                 "sims": ("sentiment", 1.0)}
+NEUTRAL_RATE = 0.1  # sentiment sets: clips without any emotional evidence (valence 0)
+
+
+def class_sectors(classes, pools: dict, lex) -> dict:
+    """Class word -> the hidden sector it names: its wheel-1 sector, when that is one of the pools' (else None:
+    neutral, surprise, disgust). Such a word must map like the sector's own words in every wheel where it maps,
+    or the HIT rate would count a right answer as a miss."""
+    out = {}
+    for word in classes:
+        mapped = lex.lookup(word)[0]
+        sector = mapped[0] if mapped[0] in pools else None
+        if sector is not None:
+            want = lex.lookup(pools[sector][0])[0]
+            wrong = [k + 1 for k, (m, w) in enumerate(zip(mapped, want)) if m is not None and m != w]
+            if wrong:
+                raise ValueError(f"class {word!r} names sector {sector!r} in wheel 1 but maps elsewhere in wheel "
+                                 f"{wrong[0]} ({mapped[wrong[0] - 1]!r}, its words: {want[wrong[0] - 1]!r})")
+        out[word] = sector
+    return out
+
+
+def valence(sectors, lex, scale: float) -> float:
+    """scale x (positive - negative sectors) / sectors, by wheel 1's sector polarities; 0 without sectors.
+    >>> valence(["joyful", "sad", "peaceful"], load_lexicon("builtin"), 3.0)
+    1.0
+    """
+    votes = [{"positive": 1, "negative": -1}.get(lex.polarity[0].get(s), 0) for s in sectors]
+    return round(scale * sum(votes) / len(votes), 4) if votes else 0.0
+
+
+def _link_or_copy(src: str, dst: str):
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: the same bytes
+        shutil.copyfile(src, dst)
+
+
+def synthesize_unibench(out: str, n: int, seed: int, pools: dict, shift, test: list, lex,
+                        progress: bool = True) -> dict:
+    """Write out/unibench: n clips for each of UNIBENCH_SETS, and the test split (name, labels, subtitle) as
+    ovmerdplus. Returns what synth.json records of it (each clip's class or valence and hidden evidence)."""
+    from tqdm import tqdm
+    root, sectors, summary = os.path.join(out, "unibench"), list(pools), {}
+    bar = tqdm(total=n * len(UNIBENCH_SETS), desc="MER-UniBench", disable=not progress, leave=False)
+    for k, (member, (task, how)) in enumerate(UNIBENCH_SETS.items()):
+        _, folders, label_files, classes = data.UNIBENCH[member]
+        folder = os.path.join(root, folders[0])
+        for sub in ("video", "audio"):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        named = class_sectors(classes, pools, lex) if task == "hit" else {}
+        drawn = [c for c in named if named[c] is not None or c == "neutral"]
+        corpus, subtitles, meta = {}, [], {}
+        for j in range(n):
+            # a stream per clip, apart from the OV-MER clips' ([seed, i]) and the annotators' ([seed, i, 1])
+            rng = np.random.default_rng([seed, j, 2 + k])
+            name = f"{member}_{j:05d}"
+            if task == "hit":  # one class; its sector, or none (neutral)
+                word = drawn[int(rng.integers(len(drawn)))]
+                chosen = [] if named[word] is None else [sectors.index(named[word])]
+            else:  # 1-3 sectors as in the test split, or none
+                word, chosen = None, ([] if rng.random() < NEUTRAL_RATE else None)
+            c = _synth_clip(rng, pools, noisy=False, shift=shift, chosen=chosen)
+            _render_video(os.path.join(folder, "video", f"{name}.mp4"), rng, c["video"], c["distractor"])
+            _render_audio(os.path.join(folder, "audio", f"{name}.wav"), rng, c["audio"], c["distractor"])
+            val = valence(c["sectors"], lex, how if task == "sentiment" else 1.0)
+            emo = classes.index(word) if how == "index" else word
+            corpus[name] = {"emo": emo, "val": val}
+            subtitles.append((name, c["subtitle"]))
+            meta[name] = {"class": word, "valence": val,
+                          **{x: c[x] for x in ("sectors", "video", "audio", "text", "misleading", "distractor")}}
+            bar.update(1)
+        np.savez(os.path.join(folder, label_files[0]), test_corpus=np.array(corpus, dtype=object))
+        _write_csv(os.path.join(folder, "subtitles.csv"), ("name", "english"), subtitles)
+        summary[member] = {"folder": os.path.relpath(folder, out), "label_file": label_files[0], "task": task,
+                           **({"classes": named} if task == "hit" else {"scale": how}), "clips": meta}
+    bar.close()
+    if test:  # OV-MERD+: the test split, its consensus labels and its very media files
+        folder = os.path.join(root, data.UNIBENCH["ovmerdplus"][1][0])
+        for sub, ext in (("video", "mp4"), ("audio", "wav")):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+            for name, _, _ in test:
+                _link_or_copy(os.path.join(out, sub, f"{name}.{ext}"), os.path.join(folder, sub, f"{name}.{ext}"))
+        label_file = data.UNIBENCH["ovmerdplus"][2][0]
+        _write_csv(os.path.join(folder, label_file), ("name", "openset"), [(n, lab) for n, lab, _ in test])
+        _write_csv(os.path.join(folder, "subtitles.csv"), ("name", "english"), [(n, s) for n, _, s in test])
+        summary["ovmerdplus"] = {"folder": os.path.relpath(folder, out), "label_file": label_file, "task": "ovmer",
+                                 "clips": [n for n, _, _ in test]}
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,9 +556,12 @@ class Args:
     n_train: int = field(default=800, metadata={"help": "SFT clips (captioner-style labels and descriptions)"})
     n_rl: int = field(default=400, metadata={"help": "GRPO clips (0: no rl.csv)"})
     n_val: int = field(default=100, metadata={"help": "validation clips, consensus labels (0: no val.csv)"})
-    n_test: int = field(default=200, metadata={"help": "test clips, consensus labels"})
+    n_test: int = field(default=200, metadata={"help": "test clips, consensus labels (also MER-UniBench's "
+                                                       "ovmerdplus)"})
     n_test_shift: int = field(default=200, metadata={"help": "clips of the shifted test split (0: no "
                                                              "test_shift.csv, and nothing held out of training)"})
+    unibench: int = field(default=120, metadata={"help": "clips per synthetic MER-UniBench set in OUT/unibench "
+                                                         "(0: none)"})
     # rl labels
     rl_labels: str = field(default="annotators", metadata={"help": "annotators: simulated human labels, no "
                                                                    "descriptions; clean: consensus labels and "
@@ -431,9 +580,10 @@ class Args:
 def check_args(args: Args):
     """Refuse bad arguments and an --out that holds other files, before any work."""
     problems = []
-    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test, args.n_test_shift)
-    if min(sizes) < 0 or sum(sizes) == 0:
-        problems.append("--n_train, --n_rl, --n_val, --n_test and --n_test_shift must be >= 0 and not all 0")
+    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test, args.n_test_shift, args.unibench)
+    if min(sizes) < 0 or sum(sizes[:5]) == 0:
+        problems.append("--n_train, --n_rl, --n_val, --n_test, --n_test_shift and --unibench must be >= 0, and "
+                        "the splits not all 0")
     rates = (args.omit_rate, args.synonym_rate, args.spurious_rate, args.shift_misleading, args.shift_distractor)
     if not all(0 <= r <= 1 for r in rates):
         problems.append("rates must lie in [0, 1]")
@@ -465,7 +615,7 @@ def main(args: Args):
                              annotators=Annotators(args.annotators, args.omit_rate, args.synonym_rate,
                                                    args.spurious_rate),
                              held_out_words=args.held_out_words, shift_misleading=args.shift_misleading,
-                             shift_distractor=args.shift_distractor)
+                             shift_distractor=args.shift_distractor, n_unibench=args.unibench)
         if os.path.isdir(out):  # an earlier benchmark (check_args asked for --overwrite)
             shutil.rmtree(out)
         os.replace(partial, out)
@@ -475,6 +625,10 @@ def main(args: Args):
     print(f"wrote {summary['n_train']} train, {summary['n_rl']} rl ({summary['rl_labels']} labels), "
           f"{summary['n_val']} val, {summary['n_test']} test and {summary['n_test_shift']} test_shift clips to "
           f"{out} (sectors: {', '.join(summary['sectors'])})")
+    if args.unibench:
+        print(f"and a synthetic MER-UniBench in {out}/unibench: {args.unibench} clips each of "
+              f"{', '.join(UNIBENCH_SETS)}" + (", and the test split as ovmerdplus" if args.n_test else ""))
+
 
 if __name__ == "__main__":
     main(common.parse_args(Args))

@@ -1,5 +1,6 @@
 """synth.py: the synthetic OV-MER benchmark (reproducible, its splits, annotators and test_shift) and the
-command line."""
+synthetic MER-UniBench (read by the official-layout readers, class words and valence from the hidden sectors,
+no clip of it in training, scored by eval.py --benchmark merunibench), and the command line."""
 
 import hashlib
 import json
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 
 import data
+import model as M
 import reward
 import synth
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +157,156 @@ def test_test_shift_holds_out_pairs_lone_modalities_and_words(benchmarks):
 
 
 
+# ---- the synthetic MER-UniBench ------------------------------------------------------------------------------
+
+UNIBENCH_SIZES = dict(n_train=12, n_rl=8, n_val=4, n_test=10, n_test_shift=6, seed=2, progress=False,
+                      n_unibench=16)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A small benchmark with its MER-UniBench: (root, synth.json)."""
+    root = tmp_path_factory.mktemp("unibench")
+    synth.synthesize(str(root), **UNIBENCH_SIZES)
+    return root, json.loads((root / "synth.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lex():
+    return reward.load_lexicon("builtin")
+
+
+def sector_words(sectors, meta) -> str:
+    """The answer of an oracle: one training word of each hidden sector."""
+    return ", ".join(meta["shift"]["training_words"][s][0] for s in sectors)
+
+
+def test_readers_read_every_set(bench):
+    root, meta = bench
+    unibench = root / "unibench"
+    assert sorted(data.find_unibench(str(unibench))) == sorted([*synth.UNIBENCH_SETS, "ovmerdplus"])
+    sets = data.read_unibench(str(unibench))
+    for name, (task, folder, clips, corpus) in sets.items():
+        assert task == data.UNIBENCH[name][0] and all(c.subtitle for c in clips), name
+        assert data.ClipDataset(folder, clips, 8, 32, 2, 1.0).skipped == {}  # every clip has its media
+        if name == "ovmerdplus":  # the test split: its clips, consensus labels and very media files
+            test = data.read_split(str(root), "test")
+            assert [(c.name, c.labels, c.subtitle) for c in clips] == [(c.name, c.labels, c.subtitle) for c in test]
+            for c in test:
+                assert (root / "video" / f"{c.name}.mp4").read_bytes() == \
+                    (unibench / "ovmerdplus-process" / "video" / f"{c.name}.mp4").read_bytes()
+            continue
+        assert len(clips) == UNIBENCH_SIZES["n_unibench"] == len(corpus), name
+        classes = data.UNIBENCH[name][3]
+        for c in clips:  # a class of the set's list (mer2023 as words, iemocapfour as indices) or a valence
+            emo, val = corpus[c.name]
+            assert (emo in classes) if task == "hit" else (emo is None and c.labels == ""), (name, emo)
+            assert val is not None and c.labels == (emo or "")
+    raw = np.load(unibench / "iemocap-dataset" / "label_4way.npz", allow_pickle=True)["test_corpus"].item()
+    assert all(isinstance(v["emo"], int) for v in raw.values())  # iemocapfour writes class indices
+
+
+def test_unibench_is_reproducible(bench, tmp_path):
+    root, _ = bench
+    synth.synthesize(str(tmp_path / "again"), **UNIBENCH_SIZES)
+    synth.synthesize(str(tmp_path / "other"), **{**UNIBENCH_SIZES, "seed": 3})
+    files = sorted(p.relative_to(root) for p in (root / "unibench").rglob("*") if p.is_file())
+    assert len(files) == 5 * 2 + 4 * 2 * 16 + 2 * 10  # label and subtitle files, 16 clips x 4 sets, 10 test clips
+    for rel in files:  # byte for byte, the .npz label files included
+        assert (root / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+    label = "unibench/mer2023-dataset-process/label-6way.npz"
+    assert (root / label).read_bytes() != (tmp_path / "other" / label).read_bytes()
+
+
+def test_class_words_name_their_sector_in_every_wheel(bench, lex):
+    root, meta = bench
+    pools = meta["shift"]["training_words"]
+    unibench = data.read_unibench(str(root / "unibench"))
+    for name, info in meta["unibench"].items():
+        if info["task"] != "hit":
+            continue
+        named = info["classes"]
+        assert named["neutral"] is None and named.get("surprise", None) is None
+        for word, sector in named.items():  # where a class word maps, it maps as its sector's words do
+            if sector is not None:
+                for got, want in zip(lex.lookup(word)[0], lex.lookup(pools[sector][0])[0]):
+                    assert got is None or got == want, (word, sector)
+        answers, gts = {}, {}
+        for clip in unibench[name][2]:
+            c = info["clips"][clip.name]
+            assert c["class"] == clip.labels and c["sectors"] == ([named[clip.labels]] if named[clip.labels] else [])
+            if not c["sectors"]:  # neutral: no cue in any modality
+                assert c["video"] == c["audio"] == c["text"] == [] and c["misleading"] is None
+                assert clip.subtitle in synth.NEUTRAL_SUBTITLES
+            answers[clip.name], gts[clip.name] = sector_words(c["sectors"], meta), clip.labels
+        # an answer naming the hidden sectors hits in every wheel; neutral clips are skipped
+        rate, per_wheel = reward.hit_rate(answers, gts, lex, per_wheel=True)
+        assert rate == 1.0 and per_wheel[0][1] == sum(g != "neutral" for g in gts.values()) > 0
+        assert {c["class"] for c in info["clips"].values()} == {w for w, s in named.items() if s or w == "neutral"}
+    with pytest.raises(ValueError, match="class 'calm' names sector 'peaceful' in wheel 1 but maps elsewhere in "
+                                         "wheel 3"):
+        synth.class_sectors(["calm"], pools, lex)  # calm: joy in wheel 3, the peaceful words: trust
+
+
+def test_valence_follows_the_sectors_and_zero_is_removed(bench, lex):
+    assert synth.valence(["joyful", "sad", "peaceful"], lex, 3.0) == 1.0  # (2 - 1) / 3 x 3
+    assert synth.valence(["mad", "scared"], lex, 1.0) == -1.0 and synth.valence([], lex, 3.0) == 0.0
+    root, meta = bench
+    sign = {"joyful": 1, "peaceful": 1, "powerful": 1, "mad": -1, "sad": -1, "scared": -1}
+    zero_kinds = set()
+    for name, scale in (("cmumosi", 3.0), ("sims", 1.0)):
+        info, corpus = meta["unibench"][name], data.read_unibench(str(root / "unibench"))[name][3]
+        balance = {n: sum(sign[s] for s in c["sectors"]) for n, c in info["clips"].items()}
+        for n, (_, val) in corpus.items():
+            assert np.sign(val) == np.sign(balance[n]) and abs(val) <= scale, (n, val)
+            if balance[n]:
+                assert val == pytest.approx(scale * balance[n] / len(info["clips"][n]["sectors"]), abs=1e-4)
+        assert max(abs(v) for _, v in corpus.values()) == scale
+        zeros = [n for n, (_, v) in corpus.items() if v == 0]
+        zero_kinds |= {"balanced" if info["clips"][n]["sectors"] else "neutral" for n in zeros}
+        # the oracle's answers get every scored clip right; the metric leaves out valence 0
+        answers = {n: reward.parse_labels(sector_words(c["sectors"], meta)) for n, c in info["clips"].items()}
+        polarity = {n: reward.answer_polarity(a, lex) for n, a in answers.items()}
+        scores = reward.sentiment_scores(polarity, {n: v for n, (_, v) in corpus.items()})
+        assert scores["n"] == len(corpus) - len(zeros) and scores["weighted_f1"] == scores["accuracy"] == 1.0
+    assert zero_kinds == {"balanced", "neutral"}  # valence 0: neutral clips, and as many positive as negative
+
+
+def test_training_splits_never_hold_a_unibench_clip(bench):
+    root, meta = bench
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    training = [c.name for split in ("train", "rl", "val") for c in data.read_split(str(root), split)]
+    seen = {digest(root / kind / f"{n}.{ext}") for n in training for kind, ext in (("video", "mp4"), ("audio", "wav"))}
+    for name, info in meta["unibench"].items():
+        clips = info["clips"] if name == "ovmerdplus" else list(info["clips"])
+        assert not set(clips) & set(training), name
+        if name == "ovmerdplus":
+            assert clips == [c.name for c in data.read_split(str(root), "test")]
+            continue
+        for n in clips:  # no media file of a training clip either
+            for kind, ext in (("video", "mp4"), ("audio", "wav")):
+                assert digest(root / info["folder"] / kind / f"{n}.{ext}") not in seen, n
+
+
+def test_eval_prints_a_merunibench_mean(bench, tmp_path):
+    root, _ = bench
+    ckpt = tmp_path / "ckpt"
+    M.save_model(M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu"), str(ckpt))
+    r = run_script("eval.py", "--ckpt", ckpt, "--benchmark", "merunibench", "--root", root / "unibench", "--out",
+                   tmp_path / "ub", "--max_new_tokens", 8, "--feature_cache", tmp_path / "f")
+    m = json.loads((tmp_path / "ub" / "metrics.json").read_text())["unibench"]
+    assert {k: v["task"] for k, v in m["datasets"].items()} == {
+        "ovmerdplus": "ovmer", "mer2023": "hit", "iemocapfour": "hit", "cmumosi": "sentiment", "sims": "sentiment"}
+    assert set(m["missing"]) == {"mer2024", "meld", "cmumosei", "simsv2"}
+    scores = [v["score"] for v in m["datasets"].values() if v["score"] is not None]
+    assert len(scores) >= 3 and m["mean"] == pytest.approx(sum(scores) / len(scores))
+    assert f"| **mean** | | {100 * m['mean']:.2f} |" in r.stdout
+
+
 # ---- the command line --------------------------------------------------------------------------------------
 
 def cli_args(out, **kw):
-    sizes = dict(n_train=2, n_rl=0, n_val=0, n_test=1, n_test_shift=0)
+    sizes = dict(n_train=2, n_rl=0, n_val=0, n_test=1, n_test_shift=0, unibench=0)
     return synth.Args(out=str(out), **{**sizes, **kw})
 
 
