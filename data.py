@@ -1,4 +1,4 @@
-"""data.py: OV-MER datasets in the official layout, prompts for every stage, and a synthetic OV-MER benchmark.
+"""data.py: OV-MER datasets in the official layout, read into tensors and prompts for every stage.
 
 The official layout (what the released datasets unpack to), all under one folder DIR:
     DIR/{split}.csv            name, openset        labels as a list-looking string "['happy', 'excited']"
@@ -7,64 +7,23 @@ The official layout (what the released datasets unpack to), all under one folder
     DIR/video/{name}.mp4|.avi  frames, decoded with decord
     DIR/audio/{name}.wav       any rate, mono or stereo (resampled to 16 kHz mono with soxr)
     DIR/openface_face/{name}/{name}.npy or DIR/openface_face/{name}.npy   optional face crops, uint8 [T, H, W, 3]
+MER-UniBench's test sets (`find_unibench`, `read_unibench`) keep their releases' folders and .npz label files.
+`python synth.py` writes a synthetic benchmark in these layouts; `python data.py check DIR` validates a folder.
 
 One function, `build_prompt`, writes the prompt of every stage (SFT, GRPO, evaluation), so they cannot drift:
 the placeholders <|fused|> <|audio|> <|video|> (n_tokens each), the subtitle and the question, in one user turn
 of the tokenizer's chat template. Targets are `<think>{reason}</think><answer>{labels}</answer>` or
-`<answer>{labels}</answer>` (no-think mode), labels joined with ", ".
-
-The synthetic benchmark (`python data.py synth --out DIR --n-train N --n-test M --seed S`) writes the same
-layout. Its generative process, which is what makes "RL beats SFT on EW-F" testable on a CPU:
-1. Six hidden emotion sectors: the level-1 sectors of wheel 1 of our lexicon. Each sector has a colour, a
-   pitch, an amplitude-modulation rate and a pool of surface words (words of the lexicon that map to that
-   sector in wheel 1 and to the same sectors as the sector's own name in every other wheel, so the EW metric
-   of a label list equals the set-F1 of its hidden sectors).
-2. Each clip carries 1 (40%), 2 (40%) or 3 (20%) distinct sectors. Each sector is evidenced by a random
-   non-empty subset of {video, audio, subtitle}, each modality included with probability 1/2; the subtitle
-   holds at most one cue word, so a second text-only sector moves to video or audio. No modality alone
-   reveals every sector of a multi-sector clip.
-3. Video (64x64, 8 frames at 8 fps): a grey background with one moving disc per video sector, in the sector's
-   colour. Audio (1-2 s at 16 kHz): one tone per audio sector at its pitch, amplitude-modulated at its rate,
-   plus noise. Subtitle: a template sentence with a cue word of the text sector; with probability 0.15 the
-   cue is MISLEADING (a word of a sector the clip does not carry) and the clip's text sector moves to video.
-   Clips without a text sector get a neutral sentence. With probability 0.2 a faint distractor (a small
-   dim disc, or a quiet tone) of a sector the clip does not carry is added.
-4. Labels: 1-2 surface words per sector. The train split (the SFT data, like the model-led MER-Caption+)
-   is annotated the way an LLM captioner annotates: it hedges, adding a word of the "scared" sector ("perhaps
-   a little worried") to half the clips that do not carry it; it misses 60% of the emotions that only the
-   voice carries; now and then it drops any one emotion (10%) or adds another spurious one (10%); its
-   descriptions follow its labels. The val and test splits carry consensus labels (exactly the hidden
-   sectors, as OV-MERD+ merges its annotators).
-   The rl split (the GRPO data, like the human-checked MER2025-OV) has labels and no descriptions. Its labels
-   come from simulated annotators (`--annotators`, 4), one per clip, who differ in vocabulary and in
-   completeness: annotator j uses a fixed half of each sector's words, and another word of the sector at
-   `--synonym-rate` (0.2); it leaves out each emotion of a clip at its own rate, spread evenly from 0.5x to
-   1.5x `--omit-rate` (0.15), never all of them; it adds a word of a sector the clip does not carry at
-   `--spurious-rate` (0.05). The annotators draw from a random stream of their own, so the clips (media,
-   subtitles, consensus) are those of `--rl-labels clean`, which writes consensus labels and descriptions to
-   the rl split as the first release did; rl_oracle.csv (name, openset, reason) keeps them in annotator mode.
-   With `--rl-labels clean --n-test-shift 0` the files are those of the first release, byte for byte.
-5. test_shift (`--n-test-shift`, 0: none, and nothing held out): three sector pairs (sorted sectors 1-2,
-   3-4, 5-6) never occur together in train, rl, val or test, and each sector has a modality (video for the
-   1st, 3rd and 5th, audio for the others) that never shows it alone there. A test_shift clip carries one such
-   pair (and, 20% of clips, a third sector), each sector of the pair shown alone in that modality; its labels
-   and subtitle cues use the last `--held-out-words` (2) words of each pool, which no other split uses; its
-   misleading-subtitle rate is `--shift-misleading` (0.35, also on clips whose subtitle carries no cue) and
-   its distractor rate `--shift-distractor` (0.5).
-6. Reasons: a short templated description naming the cues and the emotion each suggests (a label word of
-   the sector each cue evidences), e.g. "The face shows red (angry); the voice is high (scared).".
+`<answer>{labels}</answer>` (no-think mode), labels joined with ", ". `tokenizer_corpus` gives the texts a
+random-init LLM's tokenizer is trained on: the fixed prompt texts, the lexicon's words and the dataset's text.
 """
 
 import argparse
-import collections
 import contextlib
 import copy
 import csv
-import json
-import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -739,368 +698,32 @@ def stack_media(feats: dict, names) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The synthetic OV-MER benchmark
-
-COLOURS = [(230, 40, 40), (40, 90, 230), (150, 60, 200), (250, 210, 30), (240, 120, 20), (40, 190, 90),
-           (200, 200, 200), (20, 200, 220)]
-COLOUR_NAMES = ["red", "blue", "purple", "yellow", "orange", "green", "white", "cyan"]
-PITCHES = [180.0, 260.0, 340.0, 450.0, 600.0, 800.0, 1000.0, 1250.0]
-PITCH_NAMES = ["very low", "low", "lowish", "middle", "high", "very high", "shrill", "piercing"]
-AM_RATES = [2.0, 3.0, 5.0, 7.0, 9.0, 11.0, 4.0, 6.0]
-HEDGE_SECTOR = "scared"  # the sector a hedging annotator adds (wheel-1 sector of "worried" in our lexicon)
-CUE_TEMPLATES = ["I feel so {w} about all of this.", "Honestly, this makes me {w}.", "You know, I am really {w}.",
-                 "Right now I am just {w}.", "It all leaves me {w}, to be honest."]
-NEUTRAL_SUBTITLES = ["We will meet at the station at noon.", "The report is on the table.",
-                     "Please pass me the salt.", "The bus leaves in ten minutes.", "I bought some bread today."]
+# The text an on-the-fly tokenizer is trained on
 
 
-_NOUN_ENDINGS = ("ness", "ion", "ity", "ment", "ance", "ence", "ism", "ship", "dom", "ure")
-
-
-def synth_sectors(lex=None, pool_size: int = 8) -> dict:
-    """sector -> pool of surface words (adjectives) for the synthetic benchmark.
-
-    The sectors are the level-1 sectors of wheel 1 of our lexicon. A sector's words are its wheel-1 words and
-    their synonyms that share one mapping in all five wheels (the most common complete one), so a label list
-    scores exactly like its set of hidden sectors. Wheel words come first, then shorter words.
-    """
-    lex = lex or load_lexicon("builtin")
-    wheel1 = lex.clusters[0][0]
-    sectors = sorted(set(wheel1.values()))
-    if len(sectors) > len(COLOURS):
-        raise ValueError(f"the synthetic benchmark supports at most {len(COLOURS)} sectors, got {len(sectors)}")
-    pools = {}
-    for sector in sectors:
-        own = {w for w, s in wheel1.items() if s == sector}
-        words = own | {key for key, ws in lex.synonyms.items() if own.intersection(ws)}
-        words = [w for w in words if w.isascii() and w.isalpha() and len(w) <= 12 and not w.endswith(_NOUN_ENDINGS)]
-        signatures = collections.Counter(lex.lookup(w)[0] for w in words if None not in lex.lookup(w)[0])
-        if not signatures:
-            raise ValueError(f"lexicon: no word of sector {sector!r} maps to a sector in every wheel")
-        signature = signatures.most_common(1)[0][0]
-        pool = sorted((w for w in words if lex.lookup(w)[0] == signature), key=lambda w: (w not in own, len(w), w))
-        if len(pool) < 2:
-            raise ValueError(f"lexicon: sector {sector!r} has fewer than 2 consistent words for the benchmark")
-        pools[sector] = pool[:pool_size]
-    return pools
-
-
-@dataclass
-class Shift:
-    """What the synthetic benchmark holds out of its training splits for the test_shift split."""
-    pairs: list          # sector-index pairs never carried together in training; a test_shift clip carries one
-    solo: dict           # sector index -> the modality (0 video, 1 audio) that shows it alone in test_shift
-                         # and never alone in training
-    misleading: float    # misleading-subtitle rate of test_shift
-    distractor: float    # distractor rate of test_shift
-
-
-@dataclass
-class Annotators:
-    """Simulated human annotators of the rl split: they differ in vocabulary and in completeness."""
-    n: int = 4               # annotators; each rl clip is labelled by one of them
-    omit: float = 0.15       # mean rate at which an annotator leaves out one of a clip's emotions
-    synonym: float = 0.2     # rate at which a label word comes from outside the annotator's own vocabulary
-    spurious: float = 0.05   # rate of one spurious word (an emotion the clip does not carry)
-
-
-def annotator_profiles(ann: Annotators, pools: dict, seed: int) -> list:
-    """One (vocabulary, omission rate) per annotator: a vocabulary is half of each sector's words, and the
-    omission rates spread evenly from 0.5x to 1.5x the mean rate (a careful and a hasty annotator)."""
-    rng = np.random.default_rng([seed, 7919])
-    profiles = []
-    for j in range(ann.n):
-        vocab = {s: sorted(rng.choice(ws, size=max(1, len(ws) // 2), replace=False).tolist())
-                 for s, ws in pools.items()}
-        scale = 0.5 + j / (ann.n - 1) if ann.n > 1 else 1.0
-        profiles.append((vocab, min(1.0, ann.omit * scale)))
-    return profiles
-
-
-def annotate(rng: np.random.Generator, pools: dict, carried: list, profile: tuple, ann: Annotators) -> list:
-    """One annotator's labels of a clip carrying the sectors `carried`: 1-2 words per emotion it notices."""
-    vocab, omit = profile
-    sectors = list(pools)
-    noticed = [s for s in carried if rng.random() >= omit]  # an emotion now and then left out ...
-    if not noticed:  # ... but never all of them
-        noticed = [carried[int(rng.integers(len(carried)))]]
-    labels = []
-    for s in noticed:
-        for _ in range(int(rng.choice([1, 2]))):
-            own = rng.random() >= ann.synonym  # mostly its own words, now and then another synonym
-            word = str(rng.choice(vocab[s] if own else pools[s]))
-            if word not in labels:
-                labels.append(word)
-    others = [s for s in sectors if s not in carried]
-    if others and rng.random() < ann.spurious:
-        labels.append(str(rng.choice(pools[others[int(rng.integers(len(others)))]])))
-    return labels
-
-
-def _draw_evidence(rng, chosen: list, shift: Shift | None, shifted: bool) -> tuple:
-    """Which modalities show each chosen sector: video, audio, text lists of sector indices."""
-    video, audio, text = [], [], []
-    for s in chosen:
-        if shifted and s in shift.solo:  # test_shift: the sector shows in its held-out modality alone
-            mods = np.zeros(3, dtype=bool)
-            mods[shift.solo[s]] = True
-        else:
-            while True:
-                mods = rng.random(3) < 0.5
-                held = shift is not None and s in shift.solo and mods.sum() == 1 and mods[shift.solo[s]]
-                if mods.any() and not held:
-                    break
-        if mods[2] and text:  # one cue word per subtitle: the extra text sector moves to the video
-            mods[2], mods[0] = False, True
-        for on, lst in zip(mods, (video, audio, text)):
-            if on:
-                lst.append(s)
-    return video, audio, text
-
-
-def _keep_out(shift: Shift, video: list, audio: list, text: list):
-    """A training clip never shows a sector in its held-out modality alone (a subtitle moved to the video can
-    make it so): such a sector is shown by the other of video and audio too."""
-    for s, m in shift.solo.items():
-        shown = [s in video, s in audio, s in text]
-        if sum(shown) == 1 and shown[m]:
-            (audio if m == 0 else video).append(s)
-
-
-def _synth_clip(rng: np.random.Generator, pools: dict, noisy: bool, shift: Shift | None = None,
-                shifted: bool = False) -> dict:
-    """Draw one clip's hidden sectors, its evidence per modality, labels and reason (no media yet).
-    `pools` holds the words this split may use; with `shift`, a training clip avoids what it holds out and a
-    test_shift clip (`shifted`) is made of it."""
-    sectors = list(pools)
-    k = rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])
-    if shifted:  # a held-out pair, and now and then a third sector
-        pair = list(shift.pairs[int(rng.integers(len(shift.pairs)))])
-        rest = [i for i in range(len(sectors)) if i not in pair]
-        chosen = pair + ([int(rng.choice(rest))] if k == 3 else [])
-    else:
-        while True:
-            chosen = [int(i) for i in rng.choice(len(sectors), size=k, replace=False)]
-            if shift is None or not any(a in chosen and b in chosen for a, b in shift.pairs):
-                break
-    others = [i for i in range(len(sectors)) if i not in chosen]
-    video, audio, text = _draw_evidence(rng, chosen, shift, shifted)
-    p_misleading, p_distractor = (shift.misleading, shift.distractor) if shifted else (0.15, 0.2)
-    misleading = None
-    # the subtitle names a sector the clip does not carry (test_shift: also where no sector speaks through it)
-    if (text or shifted) and rng.random() < p_misleading:
-        if text and text[0] not in video:
-            video.append(text[0])
-        misleading, text = int(rng.choice(others)) if others else None, []
-    if shift is not None and not shifted:
-        _keep_out(shift, video, audio, text)
-    distractor = None
-    if others and rng.random() < p_distractor:
-        distractor = (int(rng.choice(others)), "video" if rng.random() < 0.5 else "audio")
-    words = {s: list(rng.choice(pools[sectors[s]], size=rng.choice([1, 2]), replace=False)) for s in chosen}
-    annotated = list(chosen)  # what the annotator noticed
-    if noisy:
-        for s in chosen:  # voice-only emotions are often missed (as by a captioner that reads faces and words)
-            if s in audio and s not in video and s not in text and len(annotated) > 1 and rng.random() < 0.6:
-                annotated.remove(s)
-        if len(annotated) > 1 and rng.random() < 0.1:  # ... and now and then any one emotion
-            annotated.remove(annotated[int(rng.integers(len(annotated)))])
-    labels = [w for s in annotated for w in words[s]]
-    hedge = None
-    if noisy and others:
-        if HEDGE_SECTOR in pools and sectors.index(HEDGE_SECTOR) in others and rng.random() < 0.5:
-            # a hedging annotator: "maybe a little worried" although nothing shows it
-            hedge = str(rng.choice(pools[HEDGE_SECTOR]))
-            labels.append(hedge)
-        elif rng.random() < 0.1:  # ... or any spurious emotion
-            labels.append(str(rng.choice(pools[sectors[int(rng.choice(others))]])))
-    cue_sector = text[0] if text else misleading
-    cue = str(rng.choice(pools[sectors[cue_sector]])) if cue_sector is not None else None
-    subtitle = (str(rng.choice(CUE_TEMPLATES)).format(w=cue) if cue is not None
-                else str(rng.choice(NEUTRAL_SUBTITLES)))
-    parts = []  # the description names the cues the annotator noticed
-    seen_video, seen_audio = [s for s in video if s in annotated], [s for s in audio if s in annotated]
-    if seen_video:
-        parts.append("the face shows " + " and ".join(f"{COLOUR_NAMES[s]} ({words[s][0]})" for s in seen_video))
-    if seen_audio:
-        parts.append("the voice is " + " and ".join(f"{PITCH_NAMES[s]} ({words[s][0]})" for s in seen_audio))
-    if text and text[0] in annotated:
-        parts.append(f"the words say {cue}")
-    if hedge:
-        parts.append(f"perhaps a little {hedge}")
-    reason = ("; ".join(parts) or "no clear emotional cue").capitalize() + "."
-    return {"sectors": [sectors[s] for s in chosen], "video": video, "audio": audio, "text": text,
-            "misleading": misleading, "distractor": distractor, "labels": labels, "subtitle": subtitle,
-            "reason": reason}
-
-
-def _render_video(path: str, rng: np.random.Generator, video: list, distractor, size=64, n_frames=8):
-    import av
-    bg = rng.integers(90, 140)
-    discs = [(s, 1.0, 11) for s in video]
-    if distractor and distractor[1] == "video":
-        discs.append((distractor[0], 0.35, 6))
-    starts = rng.uniform(12, size - 12, size=(len(discs), 2))
-    speeds = rng.uniform(-2.5, 2.5, size=(len(discs), 2))
-    yy, xx = np.mgrid[0:size, 0:size]
-    container = av.open(path, "w")
-    # NOTE: MPEG-4 part 2, not H.264: libx264 output varies from run to run on noisy frames here, and the
-    # benchmark promises byte-identical files for a seed
-    stream = container.add_stream("mpeg4", rate=8)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"qscale": "2"}
-    for t in range(n_frames):
-        frame = np.full((size, size, 3), bg, dtype=np.float32)
-        frame += rng.normal(0, 6, size=frame.shape)
-        for (s, alpha, radius), p0, v in zip(discs, starts, speeds):
-            cy, cx = np.clip(p0 + t * v, radius, size - radius)
-            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
-            frame[inside] = (1 - alpha) * frame[inside] + alpha * np.array(COLOURS[s], dtype=np.float32)
-        img = av.VideoFrame.from_ndarray(frame.clip(0, 255).astype(np.uint8), format="rgb24")
-        for packet in stream.encode(img):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-
-
-def _render_audio(path: str, rng: np.random.Generator, audio: list, distractor):
-    import soundfile
-    seconds = rng.uniform(1.0, 2.0)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    tones = [(s, 1.0) for s in audio]
-    if distractor and distractor[1] == "audio":
-        tones.append((distractor[0], 0.25))
-    wave = rng.normal(0, 0.02, size=t.shape)
-    for s, amp in tones:
-        am = 0.6 + 0.4 * np.sin(2 * math.pi * AM_RATES[s] * t + rng.uniform(0, 2 * math.pi))
-        wave += 0.25 * amp * am * np.sin(2 * math.pi * PITCHES[s] * t + rng.uniform(0, 2 * math.pi))
-    soundfile.write(path, wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-
-
-def _labels_string(labels) -> str:
-    return "[" + ", ".join(f"'{w}'" for w in labels) + "]"
-
-
-def synthesize(out: str, n_train: int = 800, n_test: int = 200, seed: int = 0, progress: bool = True,
-               n_val: int = 0, n_rl: int = 0, n_test_shift: int = 0, rl_labels: str = "annotators",
-               annotators: Annotators | None = None, held_out_words: int = 2, shift_misleading: float = 0.35,
-               shift_distractor: float = 0.5) -> dict:
-    """Write the synthetic benchmark in the official layout; returns a summary. Same arguments -> same files.
-    Splits: train (noisy labels and descriptions, for SFT), rl (for GRPO: labels of simulated annotators and no
-    descriptions, or with rl_labels="clean" consensus labels and descriptions), val and test (consensus), and
-    test_shift (what the training splits hold out). rl, val and test_shift are written only when asked for;
-    with rl annotators, rl_oracle.csv keeps the rl clips' consensus labels and descriptions."""
-    from tqdm import tqdm
-    if rl_labels not in ("annotators", "clean"):
-        raise ValueError(f"rl_labels {rl_labels!r}: choose annotators or clean")
-    ann = annotators or Annotators()
-    full = synth_sectors()
-    shift = None
-    if n_test_shift:  # hold out surface words, sector pairs and lone-modality sectors for test_shift
-        cut = {s: max(2, len(ws) - held_out_words) for s, ws in full.items()}
-        pools = {s: ws[:cut[s]] for s, ws in full.items()}
-        shift_pools = {s: ws[cut[s]:] or ws for s, ws in full.items()}
-        n = len(full)
-        shift = Shift(pairs=[(i, i + 1) for i in range(0, n - 1, 2)], solo={i: i % 2 for i in range(n)},
-                      misleading=shift_misleading, distractor=shift_distractor)
-    else:
-        pools = shift_pools = full
-    profiles = annotator_profiles(ann, pools, seed)
-    os.makedirs(os.path.join(out, "video"), exist_ok=True)
-    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    names = ("train", "rl", "val", "test", "test_shift")
-    rows = {split: [] for split in names}
-    reasons, subtitles, oracle, meta = [], [], [], {}
-    splits = (["train"] * n_train + ["rl"] * n_rl + ["val"] * n_val + ["test"] * n_test
-              + ["test_shift"] * n_test_shift)
-    for i, split in enumerate(tqdm(splits, desc="synthesize", disable=not progress, leave=False)):
-        rng = np.random.default_rng([seed, i])  # one stream per clip: order-independent and reproducible
-        name = f"synth_{i:05d}"
-        shifted = split == "test_shift"
-        c = _synth_clip(rng, shift_pools if shifted else pools, noisy=(split == "train"), shift=shift,
-                        shifted=shifted)
-        _render_video(os.path.join(out, "video", f"{name}.mp4"), rng, c["video"], c["distractor"])
-        _render_audio(os.path.join(out, "audio", f"{name}.wav"), rng, c["audio"], c["distractor"])
-        meta[name] = {k: c[k] for k in ("sectors", "video", "audio", "text", "misleading", "distractor")}
-        meta[name]["split"] = split
-        subtitles.append((name, c["subtitle"]))
-        if split == "rl" and rl_labels == "annotators":
-            # a stream of its own, so the clip (media, subtitle, consensus) is the same as with clean labels
-            arng = np.random.default_rng([seed, i, 1])
-            j = int(arng.integers(ann.n))
-            rows[split].append((name, _labels_string(annotate(arng, pools, c["sectors"], profiles[j], ann))))
-            oracle.append((name, _labels_string(c["labels"]), c["reason"]))
-            meta[name]["annotator"] = j
-            continue  # no description: the real GRPO data (MER2025-OV) has none
-        rows[split].append((name, _labels_string(c["labels"])))
-        reasons.append((name, c["reason"]))
-    tables = [(f"{split}.csv", ("name", "openset"), rows[split]) for split in names
-              if rows[split] or split in ("train", "test")]
-    tables += [("reasons.csv", ("name", "reason"), reasons), ("subtitles.csv", ("name", "english"), subtitles)]
-    if oracle:
-        tables.append(("rl_oracle.csv", ("name", "openset", "reason"), oracle))
-    for filename, header, table in tables:
-        with open(os.path.join(out, filename), "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(table)
-    summary = {"seed": seed, "rl_labels": rl_labels, "sectors": full}
-    if rl_labels == "annotators" and n_rl:
-        summary["annotators"] = {**asdict(ann), "vocabularies": [v for v, _ in profiles],
-                                 "omission_rates": [r for _, r in profiles]}
-    if shift is not None:
-        summary["shift"] = {**asdict(shift), "pairs": [[list(full)[a], list(full)[b]] for a, b in shift.pairs],
-                            "solo": {list(full)[s]: ("video", "audio")[m] for s, m in shift.solo.items()},
-                            "training_words": pools, "held_out_words": shift_pools}
-    with open(os.path.join(out, "synth.json"), "w") as f:
-        json.dump({**summary, "clips": meta}, f, indent=1)
-    return {"out": out, "n_train": n_train, "n_rl": n_rl, "n_val": n_val, "n_test": n_test,
-            "n_test_shift": n_test_shift, "rl_labels": rl_labels, "sectors": list(full)}
-
-
-def tokenizer_corpus() -> list:
-    """Texts the on-the-fly tokenizer of the tiny preset is trained on: prompts, templates, lexicon words."""
-    lex = load_lexicon("builtin")
-    pools = synth_sectors(lex)
-    words = sorted(lex.synonyms)
-    # the fixed parts of every prompt and target are repeated so that they become a few tokens each
-    texts = 50 * [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
-    texts += 10 * (CUE_TEMPLATES + NEUTRAL_SUBTITLES + COLOUR_NAMES + PITCH_NAMES)
-    texts += 50 * ["The face shows", "the voice is", "the words say", "No clear emotional cue", "perhaps a little"]
-    texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
-    pool_words = sorted({w for ws in pools.values() for w in ws})
-    texts += [f"{w}, {v}" for w in pool_words for v in pool_words]  # label words become single tokens
-    texts += [f"{t.format(w=w)}" for t in CUE_TEMPLATES for w in pool_words]
+def clip_texts(clips) -> list:
+    """The text of a dataset's clips as a model reads and writes it: each clip's labels (as in its targets),
+    subtitle and reason, where it has them."""
+    texts = []
+    for c in clips:
+        texts += [t for t in (format_labels(c.labels), c.subtitle.strip(), (c.reason or "").strip()) if t]
     return texts
+
+
+def tokenizer_corpus(texts=()) -> list:
+    """Texts the on-the-fly tokenizer of a random-init LLM is trained on: the fixed parts of every prompt and
+    target (repeated, so that each becomes a few tokens), every word of the lexicon, and `texts`, the text of the
+    dataset the model will train on (`clip_texts`): whatever the dataset, its words become few tokens. The same
+    texts and seed give the same tokenizer."""
+    words = sorted(load_lexicon("builtin").synonyms)
+    corpus = 50 * [QUESTION, THINK_INSTRUCTION, ANSWER_INSTRUCTION, "Subtitle: (none)", "user", "assistant"]
+    corpus += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
+    return corpus + list(texts)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="OV-MER data tools.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write the synthetic OV-MER benchmark in the official layout")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--n-train", type=int, default=800)
-    s.add_argument("--n-rl", type=int, default=400, help="clips for GRPO (0: no rl.csv)")
-    s.add_argument("--n-val", type=int, default=100, help="validation clips, consensus labels (0: no val.csv)")
-    s.add_argument("--n-test", type=int, default=200)
-    s.add_argument("--n-test-shift", type=int, default=200,
-                   help="clips of the shifted test split (0: no test_shift.csv, and nothing held out of training)")
-    s.add_argument("--seed", type=int, default=0)
-    g = s.add_argument_group("rl labels")
-    g.add_argument("--rl-labels", default="annotators", choices=("annotators", "clean"),
-                   help="annotators: simulated human labels, no descriptions (default); clean: consensus labels "
-                        "and descriptions (with --n-test-shift 0, the benchmark of the first releases)")
-    g.add_argument("--annotators", type=int, default=Annotators.n, help="number of annotators")
-    g.add_argument("--omit-rate", type=float, default=Annotators.omit, help="mean rate of a left-out emotion")
-    g.add_argument("--synonym-rate", type=float, default=Annotators.synonym,
-                   help="rate of a label word outside the annotator's own vocabulary")
-    g.add_argument("--spurious-rate", type=float, default=Annotators.spurious, help="rate of a spurious word")
-    g = s.add_argument_group("test_shift")
-    g.add_argument("--held-out-words", type=int, default=2, help="words per sector kept for test_shift only")
-    g.add_argument("--shift-misleading", type=float, default=0.35, help="misleading-subtitle rate (others: 0.15)")
-    g.add_argument("--shift-distractor", type=float, default=0.5, help="distractor rate (others: 0.2)")
     c = sub.add_parser("check", help="validate a dataset folder and list every problem (exit 1 when any)")
     c.add_argument("dir", help="dataset folder in the official layout")
     c.add_argument("--without_subtitles", action="store_true",
@@ -1114,20 +737,6 @@ def main(argv=None):
             print(f"problem: {line}")
         print(f"{args.dir}: {len(problems)} problem(s)" if problems else f"{args.dir}: no problems found")
         sys.exit(1 if problems else 0)
-    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test, args.n_test_shift)
-    if min(sizes) < 0 or sum(sizes) == 0:
-        sys.exit("error: --n-train, --n-rl, --n-val, --n-test and --n-test-shift must be >= 0 and not all 0")
-    rates = (args.omit_rate, args.synonym_rate, args.spurious_rate, args.shift_misleading, args.shift_distractor)
-    if not all(0 <= r <= 1 for r in rates) or args.annotators < 1 or args.held_out_words < 0:
-        sys.exit("error: rates must lie in [0, 1], --annotators must be >= 1 and --held-out-words >= 0")
-    ann = Annotators(args.annotators, args.omit_rate, args.synonym_rate, args.spurious_rate)
-    summary = synthesize(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val, n_rl=args.n_rl,
-                         n_test_shift=args.n_test_shift, rl_labels=args.rl_labels, annotators=ann,
-                         held_out_words=args.held_out_words, shift_misleading=args.shift_misleading,
-                         shift_distractor=args.shift_distractor)
-    print(f"wrote {summary['n_train']} train, {summary['n_rl']} rl ({summary['rl_labels']} labels), "
-          f"{summary['n_val']} val, {summary['n_test']} test and {summary['n_test_shift']} test_shift clips to "
-          f"{summary['out']} (sectors: {', '.join(summary['sectors'])})")
 
 
 if __name__ == "__main__":

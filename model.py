@@ -18,7 +18,8 @@ which one `decode` runs.
 Presets (each also carries the public architecture dimensions, so `random_init=True` builds the real shapes
 without the hub, for throughput and memory planning):
 - tiny: random-init Qwen2-style LM, CLIP vision tower and HuBERT, all a few layers wide; a byte-level BPE
-  tokenizer trained on the fly from our lexicon and prompt templates (deterministic for a seed). No downloads.
+  tokenizer trained on the fly from the prompt texts, our lexicon and the training data's text (deterministic for
+  the same texts and seed). No downloads.
   Its LLM is trained in full by default: a random base has nothing for LoRA to preserve.
 - qwen0.5b: Qwen/Qwen2.5-0.5B-Instruct, google/siglip-base-patch16-224, facebook/hubert-base-ls960.
 - paper: Qwen/Qwen2.5-7B-Instruct, openai/clip-vit-large-patch14, TencentGameMate/chinese-hubert-large,
@@ -851,12 +852,15 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | None = None) -> AffectGPT:
+def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | None = None,
+                tokenizer_texts=()) -> AffectGPT:
     """Build the model of a config: each component's weights from its name or folder, or random init from
     `cfg.arch` seeded by cfg.seed (the same "pretrained" base for every run) when it has no name or
     cfg.random_init; the new trainable parts (projector, adapters) are initialised from init_seed (default:
     cfg.seed), so training seeds vary them and not the frozen encoders. The returned model's cfg records what
-    was built (`components`; local folders as absolute paths) and keeps arch only for random components."""
+    was built (`components`; local folders as absolute paths) and keeps arch only for random components.
+    A random-init LLM without a tokenizer gets one trained on data.tokenizer_corpus(tokenizer_texts): give it
+    the text of the data it will train on (data.clip_texts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = torch.device(device) if device is not None else default_device()
     dtype = compute_dtype(device)
@@ -871,7 +875,7 @@ def build_model(cfg: ModelConfig, device=None, tokenizer=None, init_seed: int | 
         if not random["llm"]:
             tokenizer = AutoTokenizer.from_pretrained(cfg.llm, padding_side="left")
         else:  # no hub: a small tokenizer trained on the fly (the LLM keeps its real vocabulary size)
-            tokenizer = build_tokenizer(data.tokenizer_corpus(), cfg.tokenizer_vocab, cfg.seed)
+            tokenizer = build_tokenizer(data.tokenizer_corpus(tokenizer_texts), cfg.tokenizer_vocab, cfg.seed)
     tokenizer = prepare_tokenizer(tokenizer)
     # an LLM trained in full keeps float32 master weights: load it so, not rounded to bf16 and cast back
     llm_dtype = torch.float32 if cfg.train_llm == "full" else dtype

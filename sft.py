@@ -4,7 +4,7 @@ GRPO needs a policy that already writes the format (a policy whose rewards are a
 learns nothing), so AffectGPT-RL starts from SFT on descriptions and label lists. This trains the projector and
 LoRA (or the full LLM) with the loss on target tokens only.
 
-    python sft.py                                   # tiny preset, synthetic benchmark (made under out/), CPU
+    python synth.py && python sft.py                # tiny preset on the synthetic benchmark in out/synth, CPU
     python sft.py --no-think                        # targets <answer>..</answer> only
     python sft.py --preset qwen0.5b --data DIR --out out/sft_q05 --lr 1e-4
     python sft.py --llm LLM_DIR --vision CLIP_DIR --audio HUBERT_DIR   # downloaded HF-format weights, any preset
@@ -28,8 +28,10 @@ on purpose; the data line says how many clips have subtitle text.
 
 Departures from the paper: the paper trains on MER-Caption+ (31k clips) with lr 1e-5; our default is the
 synthetic benchmark and, for the random-init tiny preset, lr 3e-3 with the whole LLM trained (a random base
-has nothing for LoRA to preserve). The held-out split (for loss and a few greedy generations) is carved out
-of the training split unless DIR/val.csv exists; it is for monitoring, never for picking checkpoints.
+has nothing for LoRA to preserve) and a tokenizer trained on the prompt texts, the lexicon and the training
+split's own text (data.tokenizer_corpus; a named LLM keeps its tokenizer). The held-out split (for loss and a
+few greedy generations) is carved out of the training split unless DIR/val.csv exists; it is for monitoring,
+never for picking checkpoints.
 """
 
 import contextlib
@@ -60,7 +62,8 @@ class Args:
                                                                "(not with --llm / --vision / --audio)"})
     train_llm: str | None = field(default=None, metadata={"help": "lora | full (default: the preset's)"})
     # data
-    data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth)"})
+    data: str | None = field(default=None, metadata={"help": "OV-MER-layout folder (default: out/synth, "
+                                                            "written by synth.py)"})
     train_split: str = field(default="train", metadata={"help": "labels CSV DATA/{train_split}.csv"})
     train_csv: str | None = field(default=None, metadata={"help": "train on this CSV (name, openset[, reason]) "
                                                                   "instead: e.g. eval.py --best_csv output"})
@@ -71,11 +74,6 @@ class Args:
                                                                      "(without it, a missing one is an error)"})
     skip_bad_clips: bool = field(default=False, metadata={"help": "leave out clips with bad media (counted)"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example (targets are cut, not prompts)"})
-    synth_train: int = field(default=800, metadata={"help": "clips of the default synthetic train split"})
-    synth_rl: int = field(default=400, metadata={"help": "clips of the default synthetic rl split (GRPO)"})
-    synth_val: int = field(default=100, metadata={"help": "clips of the default synthetic val split"})
-    synth_test: int = field(default=200, metadata={"help": "clips of the default synthetic test split"})
-    synth_seed: int = field(default=0, metadata={"help": "seed of the default synthetic benchmark"})
     feature_cache: str = field(default="out/features", metadata={"help": "folder for cached encoder features"})
     # optimisation
     batch_size: int = field(default=16, metadata={"help": "clips per optimiser step, all ranks together"})
@@ -230,11 +228,7 @@ def main(args: Args):
     # ---- data -------------------------------------------------------------------------------------------
     root = args.data or "out/synth"
     if args.data is None and not os.path.isfile(os.path.join(root, "train.csv")):
-        if d.main:
-            say(f"creating the synthetic benchmark in {root}")
-            data.synthesize(root, args.synth_train, args.synth_test, args.synth_seed, n_val=args.synth_val,
-                            n_rl=args.synth_rl)
-        common.barrier()
+        raise SystemExit(f"error: no benchmark in {root}; run `python synth.py` first (or pass --data DIR)")
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such folder")
     text = not args.without_subtitles
@@ -256,7 +250,9 @@ def main(args: Args):
         cfg = model_lib.ModelConfig.from_preset(args.preset, llm=args.llm, vision=args.vision, audio=args.audio,
                                                 train_llm=args.train_llm, seed=args.model_seed,
                                                 random_init=args.random_init or None)
-        model = model_lib.build_model(cfg, device=d.device, init_seed=args.seed)
+        # a random-init LLM gets a tokenizer fitted to the text it trains on (labels, subtitles, reasons)
+        model = model_lib.build_model(cfg, device=d.device, init_seed=args.seed,
+                                      tokenizer_texts=data.clip_texts(train_clips))
     model.use_sampler(args.compile)  # the held-out evaluation generates
     if args.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -77,9 +77,9 @@ def check_preset(preset: str, a, device) -> dict:
 
 def check_torchrun(n_gpus: int, steps: int) -> dict:
     """A 1-step SFT (random-init qwen0.5b shapes) and `steps` grpo.py steps under torchrun on every GPU."""
-    import data
+    import synth
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
-    data.synthesize(os.path.join(tmp, "synth"), n_train=32, n_test=8, seed=0, progress=False, n_val=8, n_rl=64)
+    synth.synthesize(os.path.join(tmp, "synth"), n_train=32, n_test=8, seed=0, progress=False, n_val=8, n_rl=64)
     common = ["--data", os.path.join(tmp, "synth"), "--feature_cache", os.path.join(tmp, "features")]
     sft = [sys.executable, "sft.py", "--preset", "qwen0.5b", "--random_init", "--max_steps", "1",
            "--eval_every", "0", "--eval_samples", "2", "--out", os.path.join(tmp, "sft")] + common

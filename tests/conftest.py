@@ -43,9 +43,9 @@ def parity_cases(shared) -> dict:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A small synthetic OV-MER benchmark (48 train, 8 val, 16 test clips), made once per test session."""
-    import data
+    import synth
     out = tmp_path_factory.mktemp("synth_small")
-    data.synthesize(str(out), n_train=48, n_test=16, seed=0, progress=False, n_val=8)
+    synth.synthesize(str(out), n_train=48, n_test=16, seed=0, progress=False, n_val=8)
     return out
 
 

@@ -1,7 +1,4 @@
-"""data.py: readers, media decoding, prompts and batches, and the synthetic benchmark."""
-
-import hashlib
-import json
+"""data.py: readers, media decoding, prompts, batches and the tokenizer corpus."""
 
 import av
 import numpy as np
@@ -11,7 +8,7 @@ import torch
 
 import data
 import model as M
-import reward
+import synth
 
 
 @pytest.fixture(scope="module")
@@ -224,40 +221,25 @@ def test_prompt_and_masked_targets(tokenizer):
         data.tokenize_example(tokenizer, clip, think=True, n_tokens=1, max_length=n_prompt)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    data.synthesize(str(out), n_train=30, n_test=10, seed=3, progress=False)
-    return out
 
-
-def test_synthetic_set_decodes_and_maps(synth):
-    lex = reward.load_lexicon("builtin")
-    meta = json.loads((synth / "synth.json").read_text())
-    train, test = data.read_split(str(synth), "train", need_reasons=True), data.read_split(str(synth), "test")
-    assert len(train) == 30 and len(test) == 10
-    ds = data.ClipDataset(str(synth), train + test, 8, 32, 2, 1.0)
-    with_video = next(i for i, c in enumerate(ds.clips) if meta["clips"][c.name]["video"])
-    item = ds[with_video]
-    assert item["frames"].shape == (8, 32, 32, 3) and item["audio"].shape == (2, 16000)
-    assert item["frames"].float().std() > 20  # a coloured disc on grey, not a blank frame
-    for clip in test:  # clean test labels name exactly the hidden sectors (wheel 1)
-        sectors = {reward.map_label(w, lex, 1) for w in reward.parse_labels(clip.labels)}
-        assert sectors == set(meta["clips"][clip.name]["sectors"]), clip.name
-        assert all(reward.map_label(w, lex, k) for w in reward.parse_labels(clip.labels) for k in range(1, 6))
-    assert all(c.reason and c.subtitle for c in train)
-
-
-def test_synthetic_set_is_reproducible(synth, tmp_path):
-    again = tmp_path / "again"
-    data.synthesize(str(again), n_train=30, n_test=10, seed=3, progress=False)
-    other = tmp_path / "other"
-    data.synthesize(str(other), n_train=30, n_test=10, seed=4, progress=False)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    for rel in ("train.csv", "test.csv", "reasons.csv", "video/synth_00007.mp4", "audio/synth_00007.wav"):
-        assert digest(synth / rel) == digest(again / rel), rel
-    assert digest(synth / "train.csv") != digest(other / "train.csv")
-
+def test_tokenizer_corpus_takes_the_datasets_text():
+    """A random-init LLM's tokenizer learns the words of the data it trains on, whatever the dataset; the same
+    texts and seed give the same tokenizer."""
+    clips = [data.Clip(f"c{i}", "['zorbulent', 'happy']", "Quixlo is here.", "The face shows teal (zorbulent).")
+             for i in range(200)]
+    texts = data.clip_texts(clips[:1])
+    assert texts == ["zorbulent, happy", "Quixlo is here.", "The face shows teal (zorbulent)."]
+    assert data.clip_texts([data.Clip("d", "[]", " ", None)]) == []  # nothing empty
+    fitted = M.build_tokenizer(data.tokenizer_corpus(data.clip_texts(clips)), 1024, seed=0)
+    fixed = M.build_tokenizer(data.tokenizer_corpus(), 1024, seed=0)
+    for word in ("zorbulent", "Quixlo"):
+        assert len(fitted(word)["input_ids"]) == 1 < len(fixed(word)["input_ids"]), word
+    assert fitted.get_vocab() == M.build_tokenizer(data.tokenizer_corpus(data.clip_texts(clips)), 1024,
+                                                   seed=0).get_vocab()
+    # build_model trains the tiny preset's tokenizer on the texts it is given
+    model = M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu", tokenizer_texts=data.clip_texts(clips))
+    assert len(model.tokenizer("zorbulent")["input_ids"]) == 1
+    assert model.llm.get_input_embeddings().weight.shape[0] == len(model.tokenizer)
 
 # ---- the feature cache (common.cached_features): keyed on everything the features depend on -------------------
 
@@ -287,9 +269,9 @@ def same(a, b):
 
 def test_feature_cache_sees_regenerated_data(tiny_model, tmp_path):
     root = tmp_path / "synth"
-    data.synthesize(str(root), n_train=6, n_test=1, seed=0, progress=False)
+    synth.synthesize(str(root), n_train=6, n_test=1, seed=0, progress=False)
     old, _ = cache_run(tiny_model, root, tmp_path / "cache")
-    data.synthesize(str(root), n_train=6, n_test=1, seed=1, progress=False)  # same folder, same clip names
+    synth.synthesize(str(root), n_train=6, n_test=1, seed=1, progress=False)  # same folder, same clip names
     new, _ = cache_run(tiny_model, root, tmp_path / "cache")
     assert same(new, direct(tiny_model, root, set(new)))
     assert not same(new, old)  # the data did change: the check above is not vacuous
@@ -297,7 +279,7 @@ def test_feature_cache_sees_regenerated_data(tiny_model, tmp_path):
 
 def test_feature_cache_sees_other_encoder_weights(tiny_model, tmp_path):
     root = tmp_path / "synth"
-    data.synthesize(str(root), n_train=4, n_test=1, seed=0, progress=False)
+    synth.synthesize(str(root), n_train=4, n_test=1, seed=0, progress=False)
     model = M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu").eval()
     old, _ = cache_run(model, root, tmp_path / "cache")
     with torch.no_grad():  # the same config and names, other weights (e.g. a local encoder folder retrained)
@@ -309,7 +291,7 @@ def test_feature_cache_sees_other_encoder_weights(tiny_model, tmp_path):
 
 def test_skipping_bad_clips_is_decided_by_each_run(tiny_model, tmp_path):
     root = tmp_path / "synth"
-    data.synthesize(str(root), n_train=5, n_test=1, seed=0, progress=False)
+    synth.synthesize(str(root), n_train=5, n_test=1, seed=0, progress=False)
     bad = data.read_split(str(root), "train")[2].name
     video = root / "video" / f"{bad}.mp4"
     good_bytes = video.read_bytes()
@@ -332,7 +314,7 @@ def test_two_runs_writing_the_same_cache_file_at_once(tiny_model, tmp_path, monk
     made here: the other run writes and renames while this one is between its write and its rename."""
     import common
     root = tmp_path / "synth"
-    data.synthesize(str(root), n_train=3, n_test=1, seed=0, progress=False)
+    synth.synthesize(str(root), n_train=3, n_test=1, seed=0, progress=False)
     real_save, other = common.save_file, []
 
     def save_while_another_run_writes(tensors, path, metadata=None):
@@ -357,7 +339,7 @@ def test_a_signal_stops_feature_encoding(tiny_model, tmp_path, monkeypatch):
     import signal
     import common
     root = tmp_path / "synth"
-    data.synthesize(str(root), n_train=6, n_test=1, seed=0, progress=False)
+    synth.synthesize(str(root), n_train=6, n_test=1, seed=0, progress=False)
     calls, encode = [], tiny_model.encode_media
 
     def encode_then_signal(frames, audio):
@@ -410,7 +392,7 @@ def test_every_bad_clip_is_listed(tmp_path):
 
 def test_check_lists_every_problem(tmp_path, capsys):
     root = tmp_path / "ds"
-    data.synthesize(str(root), n_train=4, n_test=2, seed=1, progress=False)
+    synth.synthesize(str(root), n_train=4, n_test=2, seed=1, progress=False)
     with pytest.raises(SystemExit) as e:
         data.main(["check", str(root)])
     assert e.value.code == 0 and "no problems found" in capsys.readouterr().out
@@ -465,111 +447,6 @@ def test_stage_scripts_print_data_errors_as_one_message(tmp_path, script, tiny_c
                         str(tmp_path / "out"), *more], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and ".csv, line 2: " in r.stderr
-
-
-# The CSVs that `synthesize` wrote before annotators and test_shift existed (commit 33a2a3a, seed 3, 30 train,
-# 10 rl, 4 val, 10 test clips): rl_labels="clean" without test_shift must still write exactly these.
-FIRST_RELEASE = {
-    "train.csv": "516fc7c97277d649b2b328510981cba426f8675907ad396d0d4cabdca52cc54a",
-    "rl.csv": "3fd8253035f693d4ef8b8424706005eb8e49e4f0b9599db6bbe28269dcffd214",
-    "val.csv": "25b663257b394fc9693f9034a1fea68ae0cfa0129262dbe6e304e794aedb50ce",
-    "test.csv": "3445a442584a8c885c2fcda5c54d0371f6f83191c5a87ca1bcf8f532603415bb",
-    "reasons.csv": "63bdf9dbdd585bd80cb89ffcb79ace54d5c296293d87bd8e2c05859216c67c64",
-    "subtitles.csv": "00239b346cfe4bdd685a4a5957537b0177d12ab2f1d5b9c940545989c4e64d46",
-}
-
-
-@pytest.fixture(scope="module")
-def benchmarks(tmp_path_factory):
-    """The same clips with clean rl labels (the first release's benchmark) and with annotators + test_shift."""
-    clean, new = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("annotated")
-    sizes = dict(n_train=30, n_test=10, seed=3, progress=False, n_rl=10, n_val=4)
-    data.synthesize(str(clean), rl_labels="clean", **sizes)
-    data.synthesize(str(new), n_test_shift=12, **sizes)
-    return clean, new
-
-
-def test_clean_rl_option_writes_the_first_release(benchmarks):
-    clean, _ = benchmarks
-    for name, want in FIRST_RELEASE.items():
-        assert hashlib.sha256((clean / name).read_bytes()).hexdigest() == want, name
-    assert not (clean / "rl_oracle.csv").exists() and not (clean / "test_shift.csv").exists()
-
-
-def test_annotated_rl_split_has_no_descriptions_and_keeps_the_consensus_for_the_oracle(tmp_path):
-    sizes = dict(n_train=4, n_test=2, seed=5, progress=False, n_rl=12)
-    data.synthesize(str(tmp_path / "clean"), rl_labels="clean", **sizes)
-    data.synthesize(str(tmp_path / "ann"), **sizes)
-    clean_rl = data.read_split(str(tmp_path / "clean"), "rl", need_reasons=True)
-    ann_rl = data.read_split(str(tmp_path / "ann"), "rl")
-    oracle = data.read_split(str(tmp_path / "ann"), "rl", labels_csv=str(tmp_path / "ann" / "rl_oracle.csv"),
-                             need_reasons=True)
-    assert all(c.reason is None for c in ann_rl)  # no descriptions for GRPO's split
-    with pytest.raises(data.DataError, match="think mode needs a reason"):
-        data.read_split(str(tmp_path / "ann"), "rl", need_reasons=True)
-    # the annotators get a stream of their own: same clips, and the oracle holds the clean split exactly
-    assert [(c.name, c.labels, c.reason, c.subtitle) for c in oracle] == \
-        [(c.name, c.labels, c.reason, c.subtitle) for c in clean_rl]
-    assert [c.labels for c in ann_rl] != [c.labels for c in clean_rl]
-    for rel in ("train.csv", "test.csv", "video/synth_00007.mp4", "audio/synth_00009.wav"):
-        assert (tmp_path / "clean" / rel).read_bytes() == (tmp_path / "ann" / rel).read_bytes(), rel
-
-
-@pytest.mark.parametrize("omit, synonym, spurious", [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 1.0)])
-def test_annotators_follow_their_rates(omit, synonym, spurious):
-    lex = reward.load_lexicon("builtin")
-    pools = data.synth_sectors(lex)
-    ann = data.Annotators(n=3, omit=omit, synonym=synonym, spurious=spurious)
-    profiles = data.annotator_profiles(ann, pools, seed=0)
-    # annotators differ in vocabulary (half of each pool) and in completeness (0.5x .. 1.5x the mean rate)
-    assert profiles[0][0] != profiles[1][0] and all(len(v["sad"]) == len(pools["sad"]) // 2 for v, _ in profiles)
-    assert [r for _, r in profiles] == pytest.approx([min(1, omit * k) for k in (0.5, 1.0, 1.5)])
-    rng = np.random.default_rng(0)
-    outside = 0
-    for i in range(300):
-        carried = ["joyful", "sad", "scared"][: 1 + i % 3]
-        vocab, _ = profiles[i % 3]
-        labels = data.annotate(rng, pools, carried, profiles[i % 3], ann)
-        sectors = {reward.map_label(w, lex, 1) for w in labels}
-        if omit == 0 and spurious == 0:  # complete and faithful: exactly the carried sectors
-            assert sectors == set(carried)
-        if omit == 1:  # annotators at rate 1 leave out all but one emotion (never all); the one at 0.5 fewer
-            assert sectors <= set(carried) and (len(sectors) == 1 if i % 3 else len(sectors) >= 1)
-        if spurious == 1:  # always one emotion the clip does not carry
-            assert len(sectors - set(carried)) == 1
-        if synonym == 0:  # their own words only
-            assert all(w in vocab[s] for w in labels for s in carried if w in pools[s])
-        outside += sum(not any(w in vocab[s] for s in carried) for w in labels if sectors)
-    assert (outside > 100) == (synonym == 1)
-
-
-def test_test_shift_holds_out_pairs_lone_modalities_and_words(benchmarks):
-    _, new = benchmarks
-    meta = json.loads((new / "synth.json").read_text())
-    sectors = list(meta["sectors"])
-    pairs = [set(p) for p in meta["shift"]["pairs"]]
-    solo = {sectors.index(s): ("video", "audio").index(m) for s, m in meta["shift"]["solo"].items()}
-    held = {w for ws in meta["shift"]["held_out_words"].values() for w in ws}
-    shifted = data.read_split(str(new), "test_shift")
-    assert len(shifted) == 12
-    for split in ("train", "rl", "val", "test"):
-        for clip in data.read_split(str(new), split):
-            c = meta["clips"][clip.name]
-            assert not any(p <= set(c["sectors"]) for p in pairs), clip.name
-            for s in (sectors.index(x) for x in c["sectors"]):  # never shown alone in its held-out modality
-                shown = [s in c["video"], s in c["audio"], s in c["text"]]
-                assert not (sum(shown) == 1 and shown[solo[s]]), clip.name
-            assert not held & set(reward.parse_labels(clip.labels)), clip.name
-            assert not any(w in clip.subtitle for w in held), clip.name
-    lex = reward.load_lexicon("builtin")
-    for clip in shifted:
-        c = meta["clips"][clip.name]
-        pair = next(p for p in pairs if p <= set(c["sectors"]))
-        for s in pair:  # the pair's sectors shown alone, each in its held-out modality
-            i = sectors.index(s)
-            assert [i in c["video"], i in c["audio"], i in c["text"]] == [solo[i] == 0, solo[i] == 1, False]
-        labels = reward.parse_labels(clip.labels)
-        assert set(labels) <= held and {reward.map_label(w, lex, 1) for w in labels} == set(c["sectors"])
 
 
 def test_labels_csv_with_its_own_reasons(tmp_path):

@@ -350,15 +350,32 @@ def test_reproduce_quick(tmp_path):
     results = (tmp_path / "repro" / "results.md").read_text()
     for text in (r.stdout, results):  # toy numbers must not be taken for findings
         assert "test the plumbing, not the findings" in text
-    for title in ("## 1a. `test`", "## 1b. `test_shift`", "## 2. Paired differences", "## 3. Modality ablation"):
+    sections = re.findall(r"^## \((\w)\)", results, re.M)
+    assert sections == ["a", "b", "c", "d"]  # one section per finding, in order
+    for title in ("### `test`", "### `test_shift`", "### Paired differences", "### Modality ablation"):
         assert title in results
+    compare = results.split("## (b)")[0]
     for model in ("SFT", "SFT + GRPO", "SFT + RFT (same information)",
                   "SFT + oracle (consensus labels and descriptions)"):  # a row in the test and test_shift tables
-        assert len(re.findall(rf"\| {re.escape(model)} \| \d+\.\d ± - \|", results)) == 2, model  # one seed
+        assert len(re.findall(rf"\| {re.escape(model)} \| \d+\.\d ± - \|", compare)) == 2, model  # one seed
     assert re.search(r"\| GRPO - RFT \| [-+]\d+\.\d \([-+]\d+\.\d ± -\)", results)
+    for row in ("SFT, no think", "SFT + GRPO, no think"):  # (b)
+        assert re.search(rf"\| {re.escape(row)} \| \d+\.\d ± - \| \d+\.\d ± - \|", results), row
+    assert re.search(r"\| GRPO: think - no think \| [-+]\d+\.\d", results)
+    variants = re.findall(r"^\| (accuracy only|accuracy \+ format|recall \+ format)[^|]* \| \d+\.\d ± - \|.*"
+                          r"\| \d\.\d\d -> \d\.\d\d ± 0\.00 \|$", results, re.M)
+    assert len(variants) == 6  # (c): every reward variant, with its label count over training
+    assert re.search(r"^\| SFT \+ GRPO \| .*\| \d+\.\d ± - \|$", results.split("## (d)")[1], re.M)  # (d) mean
+    assert "| ovmerdplus (EW-F) | mer2023 (HIT) | iemocapfour (HIT) | cmumosi (weighted F1) | sims (weighted F1) |" \
+        in results
     times = (tmp_path / "repro" / "logs" / "times.txt").read_text().split("\n")  # a line per step: name, seconds
-    assert {line.split()[0] for line in times if line} >= {"synth", "sft_s0", "grpo_s0", "rft_sample_s0", "rft_s0",
-                                                            "oracle_s0", "eval_sft_s0", "ablate_grpo_s0"}
+    names = [line.split()[0] for line in times if line]
+    assert set(names) >= {
+        "synth", "sft_s0", "grpo_s0", "rft_sample_s0", "rft_s0", "oracle_s0", "eval_sft_s0", "ablate_grpo_s0",
+        "sft_nothink_s0", "grpo_nothink_s0", "eval_sft_nothink_s0", "grpo_acc_s0", "grpo_recall_p2_s0",
+        "eval_grpo_align_s0", "unibench_sft_s0", "unibench_oracle_s0"}
+    # the (a) SFT and GRPO runs and their evaluation serve (b), (c) and (d): each runs once
+    assert names.count("sft_s0") == names.count("grpo_s0") == names.count("eval_grpo_s0") == 1
     assert re.search(r"CPU time \(user \+ system, all processes\): \d+ min \d+ s", results)
     assert "CPU time (user + system, all processes): 0 min 0 s" not in results
     # RFT trained on the best-of-N rows that eval.py wrote (the quick run keeps every clip: --min_reward -1)
@@ -366,8 +383,17 @@ def test_reproduce_quick(tmp_path):
         best = list(csv.DictReader(f))
     assert len(best) == 16 and set(best[0]) == {"name", "openset", "reason", "reward"}
     assert "16 train" in (tmp_path / "repro" / "logs" / "rft_s0.log").read_text()
-    for plot in ("grpo_seeds", "sft", "rft_oracle"):
-        assert (tmp_path / "repro" / "plots" / plot / "curves.png").is_file()
+    for plot in ("compare.png", "reasoning.png", "reward.png", "crosstask.png", "curves/curves.png"):
+        assert (tmp_path / "repro" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+
+@pytest.mark.parametrize("flags, message", [(["--only", "speed"], "--only speed: choose among compare (a)"),
+                                            (["--only", ","], "--only names no finding"),
+                                            (["--jobs", "0"], "--jobs 0: give a whole number")])
+def test_reproduce_refuses_bad_flags(flags, message, tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "reproduce.sh"), *flags, "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and not (tmp_path / "r").exists()
 
 
 def test_best_of_n_keeps_the_highest_grpo_reward(lex):

@@ -24,6 +24,7 @@ import grpo
 import model as M
 import reward
 import sft
+import synth
 from conftest import ROOT, run_script
 
 
@@ -46,22 +47,24 @@ def help_text(main, prefix) -> str:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("script", ["sft", "grpo", "eval", "eval score", "eval plot", "data", "data *", "reward"])
+@pytest.mark.parametrize("script", ["synth", "sft", "grpo", "eval", "eval score", "eval plot", "data", "data *",
+                                    "reward"])
 def test_every_help_works(script):
-    mains = {"sft": lambda argv: common.parse_args(sft.Args, argv),
+    mains = {"synth": lambda argv: common.parse_args(synth.Args, argv),
+             "sft": lambda argv: common.parse_args(sft.Args, argv),
              "grpo": lambda argv: common.parse_args(grpo.Args, argv),
              "eval": eval_stage.main, "data": data.main, "reward": reward.main}
     name, *sub = script.split()
     if sub == ["*"]:  # every subcommand data.py lists
         subs = subcommands(data.main)
-        assert "synth" in subs
+        assert "check" in subs
         for s in subs:
             assert "usage" in help_text(data.main, [s])
         return
     text = help_text(mains[name], sub)
     assert "usage" in text and "--" in text
-    if name in ("sft", "grpo"):  # every flag of the dataclass is documented
-        for field in (sft.Args if name == "sft" else grpo.Args).__dataclass_fields__:
+    if name in ("synth", "sft", "grpo"):  # every flag of the dataclass is documented
+        for field in {"synth": synth.Args, "sft": sft.Args, "grpo": grpo.Args}[name].__dataclass_fields__:
             assert f"--{field}" in text
 
 

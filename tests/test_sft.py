@@ -76,6 +76,21 @@ def test_short_run_learns_the_format(short_run, synth_data):
     assert (short_run / "latest").read_text().strip() == "step_000120"
 
 
+def test_the_tokenizer_is_fitted_to_the_training_text(short_run, synth_data):
+    from transformers import AutoTokenizer
+    saved = AutoTokenizer.from_pretrained(str(short_run / "final" / "tokenizer")).get_vocab()
+    texts = data.clip_texts(data.read_split(str(synth_data), "train"))
+    fitted = M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(texts), 1024)).get_vocab()
+    fixed = M.prepare_tokenizer(M.build_tokenizer(data.tokenizer_corpus(), 1024)).get_vocab()
+    assert saved == fitted != fixed
+
+
+def test_without_a_benchmark_it_says_to_run_synth(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/synth here
+    with pytest.raises(SystemExit, match=r"no benchmark in out/synth; run `python synth.py` first"):
+        sft.main(sft.common.parse_args(sft.Args, ["--out", str(tmp_path / "o")]))
+
+
 def test_two_ranks_equal_one_rank(synth_data, tmp_path):
     args = ["--data", synth_data, "--max_steps", 3, "--batch_size", 8, "--eval_every", 0, "--eval_samples", 2,
             "--save_every", 0, *COMMON]
@@ -85,7 +100,9 @@ def test_two_ranks_equal_one_rank(synth_data, tmp_path):
     two = load_file(tmp_path / "two" / "final" / "trainable.safetensors")
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    start = M.trainable_state_dict(M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu"))
+    texts = data.clip_texts(data.read_split(str(synth_data), "train"))  # the run's tokenizer, hence its init
+    start = M.trainable_state_dict(M.build_model(M.ModelConfig.from_preset("tiny"), device="cpu",
+                                                 tokenizer_texts=texts))
     key = "llm.model.layers.0.self_attn.q_proj.weight"
     assert (one[key] - start[key]).abs().max() > 1e-4  # training moved the weights: the equality is not vacuous
     assert [m["train/loss"] for m in metrics(tmp_path / "one") if "train/loss" in m] == \
