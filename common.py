@@ -59,7 +59,7 @@ class Dist:
         return self.rank == 0
 
 
-def dist_env() -> tuple:
+def torchrun_ranks() -> tuple:
     """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 
@@ -67,7 +67,7 @@ def dist_env() -> tuple:
 def setup_dist(device: str | None = None) -> Dist:
     """Read the torchrun environment and start the process group (nccl on GPU, gloo on CPU). Each rank takes
     cuda:LOCAL_RANK; a single process takes the index --device names (cuda:1), if any. check_device first."""
-    rank, local_rank, world = dist_env()
+    rank, local_rank, world = torchrun_ranks()
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
         index = torch.device(device).index if device and world == 1 else None
@@ -99,7 +99,7 @@ def check_device(device: str | None) -> list:
     if not torch.cuda.is_available():
         build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         return [f"--device {device}: CUDA is not available here ({build}); use --device cpu"]
-    n, (_, local_rank, world) = torch.cuda.device_count(), dist_env()
+    n, (_, local_rank, world) = torch.cuda.device_count(), torchrun_ranks()
     if world > 1 and dev.index is not None:
         return [f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda"]
     if max(dev.index or 0, local_rank) >= n:

@@ -195,8 +195,8 @@ def rollout(policy, clips: list, feats: dict, *, group_size: int, think: bool, m
 # 2. Reward
 
 
-def score_episodes(ep: Episodes, lex, *, think: bool, penalty: str, w_format: float, w_align: float,
-                   w_dual: float, level: int, accuracy: str):
+def add_rewards(ep: Episodes, lex, *, think: bool, penalty: str, w_format: float, w_align: float,
+                w_dual: float, level: int, accuracy: str):
     """Adds each completion's reward (reward.score_completion against its clip's labels) to the record."""
     G = ep.group_size
     ep.scores = [reward.score_completion(text, ep.clips[i // G].labels, lex, think=think, penalty=penalty,
@@ -254,7 +254,7 @@ def completion_logprobs(model, ep: Episodes, rows: torch.Tensor, temperature: fl
 
 
 @torch.no_grad()
-def score_episodes_logprobs(scorer, ep: Episodes, *, temperature: float, micro_batch: int,
+def episode_logprobs(scorer, ep: Episodes, *, temperature: float, micro_batch: int,
                             shared_prefix: bool = True) -> torch.Tensor:
     """completion_logprobs of every completion of the record under `scorer` (the reference, or the policy before
     its first update), micro-batch by micro-batch, without gradients: (N, L)."""
@@ -399,7 +399,7 @@ def grpo_step(*, policy, ddp_policy, ref, optimizer, scheduler, params: list, cl
                  shared_prefix=args.shared_prefix)
     t_reward = clock(policy.device)
     # 2. reward: completion i answers clip i // G
-    score_episodes(ep, lex, think=args.think, penalty=args.penalty, w_format=args.w_format, w_align=args.w_align,
+    add_rewards(ep, lex, think=args.think, penalty=args.penalty, w_format=args.w_format, w_align=args.w_align,
                    w_dual=args.w_dual, level=args.level, accuracy=args.accuracy)
     # 3. advantages within each clip's group (a group never straddles ranks, so no gather is needed)
     ep.adv, ep.zero_std_groups = group_advantages(ep.rewards, ep.clip_of, args.adv_scale)  # (N,)
@@ -407,11 +407,11 @@ def grpo_step(*, policy, ddp_policy, ref, optimizer, scheduler, params: list, cl
     # 4. reference (and, with mu > 1, old) log-probs: fixed for all mu passes, so computed once, without grad;
     # NOTE: both at the sampling temperature. l_old must be the sampling policy's: before the first optimiser
     # step (mu = 1 uses l.detach() instead)
-    ep.ref_logp = score_episodes_logprobs(ref, ep, temperature=args.temperature, micro_batch=args.micro_batch,
-                                          shared_prefix=args.shared_prefix)
+    ep.ref_logp = episode_logprobs(ref, ep, temperature=args.temperature, micro_batch=args.micro_batch,
+                                   shared_prefix=args.shared_prefix)
     if args.mu > 1:
-        ep.old_logp = score_episodes_logprobs(policy, ep, temperature=args.temperature, micro_batch=args.micro_batch,
-                                              shared_prefix=args.shared_prefix)
+        ep.old_logp = episode_logprobs(policy, ep, temperature=args.temperature, micro_batch=args.micro_batch,
+                                       shared_prefix=args.shared_prefix)
     t_update = clock(policy.device)
     # 5. update: mu optimiser steps on this rollout; the normalisers count the whole step over all ranks
     ep.loss_mask = loss_mask_of(ep.mask, ep.truncated, args.truncated)  # (N, L)

@@ -487,8 +487,9 @@ if CROSSTASK:
     lines += ["", "| difference (points) | " + " | ".join(sets) + " | **mean** |", "|---|" + "---|" * (len(sets) + 1)]
     for title, a, b in (("GRPO - SFT", "grpo", "sft"), ("GRPO - RFT", "grpo", "rft"), ("RFT - SFT", "rft", "sft")):
         lines.append(f"| {title} | " + " | ".join(paired(score(a, ds), score(b, ds)) for ds in sets + ["mean"]) + " |")
-    scored = {ds: ub["sft"][0]["datasets"][ds]["n"] for ds in sets}
-    lines += ["", "Clips per set (sentiment: those scored, valence 0 removed; the HIT rate skips neutral clips): "
+    scored = {ds: ub["sft"][0]["datasets"][ds]["n_scored"] for ds in sets}
+    lines += ["", "Clips scored per set (sentiment: valence 0 removed; HIT: neutral clips, which map to no wheel, "
+              "left out): "
               + ", ".join(f"{ds} {n}" for ds, n in scored.items()) + ". The mean is over these "
               f"{len(sets)} scores (the papers' MER-UniBench: 9). Figure: `plots/crosstask.png`.", ""]
     fig, ax = plt.subplots(figsize=(10, 4.2))

@@ -19,6 +19,8 @@ The last line reads `update: plain X s, shared Y s, ratio R; step: plain X s, sh
 """
 
 import argparse
+import ctypes
+import gc
 import os
 import re
 import subprocess
@@ -38,15 +40,20 @@ PATHS = {"plain": False, "shared": True}
 
 
 def subtitle_for(model, prompt_len: int) -> str:
-    """A subtitle that makes the prompt exactly prompt_len tokens long (words added one at a time)."""
+    """A subtitle that makes the prompt exactly prompt_len tokens long: words added one at a time, each the
+    first of a list that does not overshoot."""
     length = lambda s: len(model.tokenizer(data.build_prompt(model.tokenizer, s, True,  # noqa: E731
                                                              model.cfg.n_tokens))["input_ids"])
-    words, text = "we will meet at the station at noon and then take the bus home".split(), ""
-    while length(text) < prompt_len:
-        text = (text + " " + words[len(text.split()) % len(words)]).strip()
-    if length(text) != prompt_len:
-        raise SystemExit(f"error: cannot make a prompt of exactly {prompt_len} tokens (shortest "
-                         f"{length('')}, got {length(text)})")
+    words = "we will meet at the station at noon and then take the bus home a I".split()
+    text, n = "", length("")
+    while n < prompt_len:
+        fits = [w for w in words[len(text.split()) % 13:] + words if length(f"{text} {w}".strip()) <= prompt_len]
+        if not fits:
+            raise SystemExit(f"error: cannot make a prompt of exactly {prompt_len} tokens (at {n})")
+        text = f"{text} {fits[0]}".strip()
+        n = length(text)
+    if n != prompt_len:
+        raise SystemExit(f"error: cannot make a prompt of exactly {prompt_len} tokens (shortest {length('')})")
     return text
 
 
@@ -105,18 +112,12 @@ def _status_kib(field: str) -> int:
 RECORD = ("prompt_ids", "prompt_mask", "tokens", "mask", "truncated", "adv", "ref_logp", "loss_mask")
 
 
-def update_memory_gib(policy, ep, args, a) -> float:
-    """Peak extra memory of one update of `ep` (see the module docstring)."""
-    if policy.device.type != "cuda":  # a child process per path, with this step's record
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "record.pt")
-            torch.save({**{k: getattr(ep, k) for k in RECORD}, **{f"media.{k}": v for k, v in ep.media.items()}},
-                       path)
-            r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", path,
-                                "--child_shared", str(int(args.shared_prefix))], capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"error: the memory child failed:\n{r.stderr[-3000:]}")
-        return float(r.stdout.split()[-1])
+def save_record(ep, path: str):
+    torch.save({**{k: getattr(ep, k) for k in RECORD}, **{f"media.{k}": v for k, v in ep.media.items()}}, path)
+
+
+def gpu_update_memory_gib(policy, ep, args) -> float:
+    """Peak allocation of one update of `ep` above what was allocated before (gradient buffers included before)."""
     allocate_grads(policy)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -124,6 +125,17 @@ def update_memory_gib(policy, ep, args, a) -> float:
     update_once(policy, ep, args)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def cpu_update_memory_gib(a, record: str, shared: bool) -> float:
+    """Resident-set growth of one update of a saved record, in a child process (see the module docstring)."""
+    flags = [f"--{k}={getattr(a, k)}" for k in ("preset", "clips", "group", "prompt_len", "new_tokens", "micro_batch")]
+    flags += (["--random_init"] if a.random_init else []) + ([f"--train_llm={a.train_llm}"] if a.train_llm else [])
+    r = subprocess.run([sys.executable, __file__, *flags, "--device=cpu", "--child", record,
+                        "--child_shared", str(int(shared))], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"error: the memory child failed:\n{r.stderr[-3000:]}")
+    return float(r.stdout.split()[-1])
 
 
 def allocate_grads(policy):
@@ -147,6 +159,54 @@ def memory_child(a, device):
     print((_status_kib("VmHWM") - before) / 2**20)
 
 
+def compare(a, device, say=print) -> dict:
+    """Both paths from the same weights: the best step of each after a warm-up, and the update's peak memory."""
+    t = time.time()
+    policy, ref, clips, feats, lex = make_run(a, device)
+    say(f"{a.preset} on {device} (built in {time.time() - t:.0f} s, {policy.cfg.train_llm} training): "
+        f"{a.clips} clips x G={a.group}, prompt {a.prompt_len} tokens, completions {a.new_tokens} tokens; "
+        f"tokens through the LM per clip: plain {a.group * (a.prompt_len + a.new_tokens)}, shared "
+        f"{a.prompt_len + a.group * a.new_tokens}")
+    start = {n: t.detach().clone() for n, t in policy.state_dict().items()}
+    times, records = {}, {}
+    for name, shared in PATHS.items():
+        args = grpo_args(a, shared)
+        best = None
+        for k in range(1 + a.repeats):  # the first step warms up
+            policy.load_state_dict(start)  # the same weights for every step of both paths
+            ep, seconds = run_step(policy, ref, clips, feats, lex, args, seed=k)
+            say(f"  {name} step {k}{' (warm-up)' if k == 0 else ''}: "
+                + ", ".join(f"{part} {s:.2f} s" for part, s in seconds.items()))
+            if k and (best is None or sum(seconds.values()) < sum(best.values())):
+                best = seconds
+        times[name], records[name] = best, ep
+    result = {"clips": a.clips, "group": a.group, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+              "train_llm": policy.cfg.train_llm, "seconds": times,
+              "same_draws": torch.equal(records["plain"].tokens, records["shared"].tokens),
+              "full_length": bool(records["shared"].mask.all())}
+    for part, seconds in (("update", {n: times[n]["update"] for n in PATHS}),
+                          ("step", {n: sum(times[n].values()) for n in PATHS})):
+        result[part] = {"plain_s": seconds["plain"], "shared_s": seconds["shared"],
+                        "ratio": seconds["plain"] / seconds["shared"]}
+    if not a.no_memory and device.type == "cuda":
+        policy.load_state_dict(start)
+        result["update_peak_memory_GiB"] = {name: gpu_update_memory_gib(policy, records[name], grpo_args(a, shared))
+                                            for name, shared in PATHS.items()}
+    elif not a.no_memory:  # a child per path, once this process has let go of its model and activations
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {name: os.path.join(tmp, f"{name}.pt") for name in PATHS}
+            for name in PATHS:
+                save_record(records[name], paths[name])
+            del policy, ref, records, start
+            gc.collect()
+            trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: give the freed heap back
+            if trim is not None:
+                trim(0)
+            result["update_peak_memory_GiB"] = {name: cpu_update_memory_gib(a, paths[name], shared)
+                                                for name, shared in PATHS.items()}
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS))
@@ -168,42 +228,17 @@ def main():
     device = torch.device(a.device) if a.device else model_lib.default_device()
     if a.child:
         return memory_child(a, device)
-    t = time.time()
-    policy, ref, clips, feats, lex = make_run(a, device)
-    print(f"{a.preset} on {device} (built in {time.time() - t:.0f} s, {policy.cfg.train_llm} training): "
-          f"{a.clips} clips x G={a.group}, prompt {a.prompt_len} tokens, completions {a.new_tokens} tokens; "
-          f"tokens through the LM per clip: plain {a.group * (a.prompt_len + a.new_tokens)}, shared "
-          f"{a.prompt_len + a.group * a.new_tokens}", flush=True)
-    start = {n: t.detach().clone() for n, t in policy.state_dict().items()}
-    times, records = {}, {}
-    for name, shared in PATHS.items():
-        args = grpo_args(a, shared)
-        best = None
-        for k in range(1 + a.repeats):  # the first step warms up
-            policy.load_state_dict(start)  # the same weights for every step of both paths
-            ep, seconds = run_step(policy, ref, clips, feats, lex, args, seed=k)
-            print(f"  {name} step {k}{' (warm-up)' if k == 0 else ''}: "
-                  + ", ".join(f"{part} {s:.2f} s" for part, s in seconds.items()), flush=True)
-            total = sum(seconds.values())
-            if k and (best is None or total < sum(best.values())):
-                best = seconds
-        times[name], records[name] = best, ep
-    same = torch.equal(records["plain"].tokens, records["shared"].tokens)
-    full = bool(records["shared"].mask.all())
-    print(f"same draws in both paths: {same}; every completion {a.new_tokens} tokens: {full}")
-    if not a.no_memory:
-        policy.load_state_dict(start)
-        memory = {name: update_memory_gib(policy, records[name], grpo_args(a, shared), a)
-                  for name, shared in PATHS.items()}
-        print(f"peak extra memory of the update: plain {memory['plain']:.2f} GiB, shared {memory['shared']:.2f} GiB, "
-              f"ratio {memory['plain'] / max(memory['shared'], 1e-9):.2f} "
+    r = compare(a, device, say=lambda s: print(s, flush=True))
+    print(f"same draws in both paths: {r['same_draws']}; every completion {a.new_tokens} tokens: {r['full_length']}")
+    if "update_peak_memory_GiB" in r:
+        m = r["update_peak_memory_GiB"]
+        print(f"peak extra memory of the update: plain {m['plain']:.2f} GiB, shared {m['shared']:.2f} GiB, ratio "
+              f"{m['plain'] / max(m['shared'], 1e-9):.2f} "
               f"({'GPU allocation' if device.type == 'cuda' else 'resident set growth'})")
-    update = {name: times[name]["update"] for name in PATHS}
-    step = {name: sum(times[name].values()) for name in PATHS}
-    print(f"update: plain {update['plain']:.2f} s, shared {update['shared']:.2f} s, ratio "
-          f"{update['plain'] / update['shared']:.2f}; step: plain {step['plain']:.2f} s, shared {step['shared']:.2f} s, "
-          f"ratio {step['plain'] / step['shared']:.2f}")
-    if not (same and full):
+    u, s = r["update"], r["step"]
+    print(f"update: plain {u['plain_s']:.2f} s, shared {u['shared_s']:.2f} s, ratio {u['ratio']:.2f}; "
+          f"step: plain {s['plain_s']:.2f} s, shared {s['shared_s']:.2f} s, ratio {s['ratio']:.2f}")
+    if not (r["same_draws"] and r["full_length"]):
         sys.exit("error: the two paths did not draw the same full-length completions")
 
 

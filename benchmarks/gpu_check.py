@@ -7,7 +7,9 @@
 Per preset (random init of its real shapes, no downloads): decode tokens/s of the eager and the compiled
 sampler (B sequences, random prompts) and their fraction of the bandwidth limit (bench_generate.py), then full
 GRPO steps (clips x G completions, bench_grpo.py) with the stages' default sampler: the time split of the
-steps after the first, samples/s, generated tokens/s and peak GPU memory. With more than one GPU, a short SFT
+steps after the first, samples/s, generated tokens/s and peak GPU memory. For the --prefix_presets (qwen0.5b),
+the shared-prefix GRPO step against the plain one (bench_prefix.py: one clip x G, --prefix_prompt_len
+prompt tokens, --new_tokens completion tokens): update and step seconds, their ratios, the update's peak memory. With more than one GPU, a short SFT
 (one process) and a few grpo.py steps under torchrun on all of them. The JSON is rewritten after each part,
 so a run cut short keeps what it measured; parts that would start after --budget_s are skipped and say so.
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import bench_generate  # noqa: E402
 import bench_grpo  # noqa: E402
+import bench_prefix  # noqa: E402
 import grpo  # noqa: E402
 import model as model_lib  # noqa: E402
 
@@ -111,6 +114,9 @@ def main():
     p.add_argument("--subtitle_words", type=int, default=40)
     p.add_argument("--grpo_steps", type=int, default=2, help="GRPO steps per preset (the first is warm-up)")
     p.add_argument("--torchrun_steps", type=int, default=3, help="grpo.py steps under torchrun (0: skip)")
+    p.add_argument("--prefix_presets", default="qwen0.5b", help="presets whose shared-prefix step is compared with "
+                                                               "the plain one ('': none)")
+    p.add_argument("--prefix_prompt_len", type=int, default=300, help="prompt tokens of the shared-prefix step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="the compiled sampler (default: with CUDA; else the static one is timed)")
     p.add_argument("--budget_s", type=float, default=420, help="start no part after this many seconds")
@@ -137,6 +143,19 @@ def main():
             continue
         print(f"[gpu_check] {preset} ...", flush=True)
         report["presets"][preset] = check_preset(preset, a, device)
+        save()
+    for preset in [x for x in a.prefix_presets.split(",") if x]:
+        if time.time() - t0 > a.budget_s:
+            report["skipped"].append(f"shared prefix {preset}: out of time")
+            continue
+        print(f"[gpu_check] shared prefix, {preset} ...", flush=True)
+        ns = argparse.Namespace(preset=preset, random_init=preset != "tiny", train_llm=None, clips=1, group=a.group,
+                                prompt_len=a.prefix_prompt_len, new_tokens=a.new_tokens, micro_batch=a.micro_batch,
+                                repeats=1, no_memory=False, child=None, child_shared=1)
+        report.setdefault("shared_prefix", {})[preset] = bench_prefix.compare(ns, device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         save()
     if n_gpus > 1 and a.torchrun_steps:
         if time.time() - t0 > a.budget_s:

@@ -15,7 +15,8 @@ def test_gpu_check_writes_its_json_at_toy_size_on_a_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--presets", "tiny",
                         "--batch", "3", "--prompt_len", "8", "--new_tokens", "4", "--clips", "1", "--group", "2",
-                        "--grpo_steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                        "--grpo_steps", "1", "--prefix_presets", "tiny", "--prefix_prompt_len", "72", "--out", str(out)], capture_output=True,
+                       text=True, timeout=600,
                        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -29,6 +30,9 @@ def test_gpu_check_writes_its_json_at_toy_size_on_a_cpu(tmp_path):
     step = tiny["grpo_step"]
     assert set(step["time_split_seconds"]) == {"encode", "generate", "reward", "reference", "update", "total"}
     assert step["samples_per_s"] > 0 and step["peak_memory_GiB"] > 0 and step["clips"] * step["group"] == 2
+    prefix = report["shared_prefix"]["tiny"]  # the shared-prefix step against the plain one
+    assert prefix["same_draws"] and prefix["full_length"] and prefix["group"] == 2
+    assert prefix["update"]["ratio"] > 0 and set(prefix["update_peak_memory_GiB"]) == {"plain", "shared"}
 
 
 def test_decode_bytes_count_each_weight_once_and_the_kv_cache():

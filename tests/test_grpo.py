@@ -317,13 +317,13 @@ def test_scoring_at_temperature_reproduces_the_sampler(sft_ckpt, synth_data):
     for T in (0.7, 1.3):
         ep = grpo.rollout(model, clips, feats, group_size=4, think=True, max_new_tokens=24, temperature=T,
                           generator=torch.Generator().manual_seed(0))
-        scored = grpo.score_episodes_logprobs(model, ep, temperature=T, micro_batch=8)
+        scored = grpo.episode_logprobs(model, ep, temperature=T, micro_batch=8)
         m = ep.mask.bool()
         assert m.sum() > 20
         assert torch.allclose(scored[m], ep.sample_logp[m], atol=1e-4)
-        ref_logp = grpo.score_episodes_logprobs(M.frozen_copy(model), ep, temperature=T, micro_batch=5)
+        ref_logp = grpo.episode_logprobs(M.frozen_copy(model), ep, temperature=T, micro_batch=5)
         assert torch.allclose(ref_logp[m], scored[m], atol=1e-5)  # reference == policy at step 0: KL = 0
-        wrong_t = grpo.score_episodes_logprobs(model, ep, temperature=1.0, micro_batch=8)
+        wrong_t = grpo.episode_logprobs(model, ep, temperature=1.0, micro_batch=8)
         assert not torch.allclose(wrong_t[m], ep.sample_logp[m], atol=1e-2)
         # the logged entropy is the true entropy of the sampling distribution (first completion token)
         with torch.no_grad():
@@ -495,15 +495,15 @@ def test_several_passes_clip_against_the_old_policy(sft_ckpt, synth_data, tmp_pa
 
 def test_a_step_uses_the_right_models_groups_and_optimiser_steps(sft_ckpt, synth_data):
     """One grpo_step as main runs it, with T = 0.7, mu = 2, micro-batches of 5 (groups of 4 split over them)
-    and a policy that has moved away from its reference: the rewards are each completion's own clip's, the
+    and a reference that differs from the policy: the rewards are each completion's own clip's, the
     advantages are normalised within each clip's group, l_ref is the reference's and l_old the sampling
     policy's, both at the sampling temperature, the first pass has rho = 1 (nothing clipped), and the scheduler
     stepped once per optimiser step."""
     policy = M.load_model(str(sft_ckpt / "final"), device="cpu")
     ref = M.frozen_copy(policy)
-    with torch.no_grad():  # the policy is no longer the reference: swapping the two would show
-        for p in policy.parameters():
-            if p.requires_grad:
+    with torch.no_grad():  # the reference is no longer the policy (which keeps its SFT answers and rewards):
+        for p in ref.parameters():  # swapping the two would show
+            if p.dtype.is_floating_point and not any(p is q for q in policy.parameters()):
                 p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     args = grpo.Args(group_size=4, clips_per_step=3, max_new_tokens=16, temperature=0.7, mu=2, micro_batch=5,
                      lr=1e-3, warmup_steps=4)

@@ -226,8 +226,8 @@ def test_bf16_sft_and_grpo_steps_on_cpu(hf_folders, synth_data, monkeypatch, tra
     ep.adv = torch.randn(ep.tokens.shape[0], generator=torch.Generator().manual_seed(0))  # random models earn none
     eps = {"bf16": ep, "fp32": dataclasses.replace(ep, media=data.stack_media(feats["fp32"], names))}
     for name, e in eps.items():
-        e.ref_logp = grpo.score_episodes_logprobs(M.frozen_copy(models[name]), e, temperature=args.temperature,
-                                                  micro_batch=8)
+        e.ref_logp = grpo.episode_logprobs(M.frozen_copy(models[name]), e, temperature=args.temperature,
+                                           micro_batch=8)
     for name, e in eps.items():
         stats = grpo.accumulate_gradients(
             models[name], models[name], e, n_seqs=float(ep.tokens.shape[0]), n_tokens=float(ep.loss_mask.sum()),
