@@ -264,20 +264,20 @@ def blank_features(model) -> dict:
         return {k: v[0].cpu() for k, v in model.encode_media(frames, audio).items()}
 
 
-def generate_all(model, clips, feats, args, d, think, draws: int = 0, desc: str = "generate") -> dict:
+def generate_all(model, clips, feats, args, dist_env, think, draws: int = 0, desc: str = "generate") -> dict:
     """name -> list of completions (greedy when draws = 0, else `draws` samples), sharded over ranks and
     gathered on every rank, with a progress bar on rank 0."""
     from tqdm import tqdm
     sampling = {"greedy": True} if draws == 0 else {
         "temperature": args.temperature, "top_p": args.top_p,
-        "generator": torch.Generator(d.device).manual_seed(args.seed * 1009 + d.rank)}
+        "generator": torch.Generator(dist_env.device).manual_seed(args.seed * 1009 + dist_env.rank)}
     # chunks of batch_size clips per rank: each rank generates exactly the batches of one big call, so the
     # results do not depend on the chunking
-    chunk = args.batch_size * d.world
+    chunk = args.batch_size * dist_env.world
     out = {}
-    with tqdm(total=len(clips), desc=desc, unit="clip", disable=not d.main, leave=False) as bar:
+    with tqdm(total=len(clips), desc=desc, unit="clip", disable=not dist_env.main, leave=False) as bar:
         for i in range(0, len(clips), chunk):
-            out.update(common.complete_sharded(model, clips[i:i + chunk], feats, d, max(1, draws), think=think,
+            out.update(common.complete_sharded(model, clips[i:i + chunk], feats, dist_env, max(1, draws), think=think,
                                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                                **sampling))
             bar.update(len(clips[i:i + chunk]))
@@ -317,9 +317,9 @@ def best_completions(outputs: dict, clips, lex, think: bool, w_format: float, mi
     whose labels give no reward signal (GRPO drops them too)."""
     rows = []
     for c in clips:
-        scores = [reward.score_completion(t, c.labels, lex, think=think, w_format=w_format) for t in outputs[c.name]]
-        if scores[0] is None:
+        if not reward.has_signal(c.labels, lex):
             continue
+        scores = [reward.score_completion(t, c.labels, lex, think=think, w_format=w_format) for t in outputs[c.name]]
         k = max(range(len(scores)), key=lambda i: (scores[i]["total"], -i))
         text = outputs[c.name][k]
         if scores[k]["total"] < min_reward:
@@ -350,7 +350,7 @@ def scored_clips(clips, feats: dict, skipped: dict, why_unscored) -> tuple:
 def no_wheel(lex):
     """why_unscored for the EW metric and the HIT rate: a ground truth that maps to no sector of any wheel."""
     def why(clip):
-        if not any(reward.mapped_sets(parse_labels(clip.labels), lex, 1)):
+        if not reward.has_signal(clip.labels, lex):
             return f"its ground truth {clip.labels or repr('')} maps to no wheel"
         return None
     return why
@@ -361,10 +361,10 @@ def clip_counts(asked: list, left_out: dict) -> dict:
     return {"n_asked": len(asked), "n_scored": len(asked) - len(left_out), "left_out": left_out}
 
 
-def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
+def evaluate_openset(model, root, clips, args, dist_env, think, lex, ablate) -> tuple:
     """Greedy (and, with --sample, sampled) metrics of an open-set split, plus one greedy evaluation per
     ablated modality, all over the same clips (scored_clips). Returns (metrics, per-clip rows)."""
-    feats, skipped = common.clip_features(model, root, clips, d, args.feature_cache, args.use_faces,
+    feats, skipped = common.clip_features(model, root, clips, dist_env, args.feature_cache, args.use_faces,
                                           args.skip_bad_clips)
     asked = clips
     clips, left_out = scored_clips(asked, feats, skipped, no_wheel(lex))
@@ -375,7 +375,7 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
     metrics = clip_counts(asked, left_out)
     rows = []
     for mode, draws in [("greedy", 0)] + ([("sampled", args.sample)] if args.sample else []):
-        outputs = generate_all(model, clips, feats, args, d, think, draws, desc=mode)
+        outputs = generate_all(model, clips, feats, args, dist_env, think, draws, desc=mode)
         metrics[mode] = score_draws(outputs, gts, lex, think)
         if mode == "sampled" and args.best_csv:
             best = best_completions(outputs, clips, lex, think, args.w_format, args.min_reward)
@@ -389,32 +389,32 @@ def evaluate_openset(model, root, clips, args, d, think, lex, ablate) -> tuple:
                              "labels": ", ".join(answer), "ground_truth": ", ".join(parse_labels(c.labels)),
                              "ew_score": "" if score is None else round(score, 6),
                              "format": int(reward.format_ok(text, think))})
-    if args.best_csv and d.main:
+    if args.best_csv and dist_env.main:
         with common.writing(args.best_csv, partial=(args.best_csv,)):
             write_csv(args.best_csv, best, ["name", "openset", "reason", "reward"])
     blank = blank_features(model) if ablate else None
     for kind in ablate:
         c2, f2 = without(kind, clips, feats, blank)
-        outputs = generate_all(model, c2, f2, args, d, think, desc=f"without {kind}")
+        outputs = generate_all(model, c2, f2, args, dist_env, think, desc=f"without {kind}")
         metrics[f"without_{kind}"] = score_draws(outputs, gts, lex, think)
     return metrics, rows
 
 
 # ---- MER-UniBench -------------------------------------------------------------------------------------------
 
-def evaluate_unibench(model, args, d, think, lex, sets: dict | None = None) -> dict:
+def evaluate_unibench(model, args, dist_env, think, lex, sets: dict | None = None) -> dict:
     """Score every available MER-UniBench dataset; returns the table (dataset -> metrics) and the mean."""
     builtin = load_lexicon("builtin")  # polarity of sectors for the sentiment sets
     table, sets = {}, data.read_unibench(args.root) if sets is None else sets
     for name, (task, folder, clips, corpus) in sets.items():
-        feats, skipped = common.clip_features(model, folder, clips, d, args.feature_cache, args.use_faces,
+        feats, skipped = common.clip_features(model, folder, clips, dist_env, args.feature_cache, args.use_faces,
                                               args.skip_bad_clips)
         # sentiment is scored on clips of non-zero valence (positive vs negative), the rest on the wheels
         unscored = (lambda c: None if corpus[c.name][1] else "its valence is 0 or missing (scored: > 0 vs < 0)") \
             if task == "sentiment" else no_wheel(lex)
         asked = clips
         clips, left_out = scored_clips(asked, feats, skipped, unscored)
-        outputs = generate_all(model, clips, feats, args, d, think, desc=name)
+        outputs = generate_all(model, clips, feats, args, dist_env, think, desc=name)
         first = {c.name: outputs[c.name][0] for c in clips}
         answers = {n: reward.extract_answer(t) for n, t in first.items()}
         row = {"task": task, **clip_counts(asked, left_out)}
@@ -543,21 +543,21 @@ def eval_main(argv):
     text = not args.without_subtitles
     labelled = data.read_unibench(args.root, subtitles=text) if args.benchmark else \
         {s: data.read_split(root, s, subtitles=text) for s in splits}
-    d = common.setup_dist(args.device)
-    model = model_lib.load_model(ckpt, device=d.device).eval().use_sampler(args.compile)
+    dist_env = common.setup_dist(args.device)
+    model = model_lib.load_model(ckpt, device=dist_env.device).eval().use_sampler(args.compile)
     think = resolve_think(args, ckpt)
     meta = {"ckpt": ckpt, "ckpt_path": os.path.abspath(ckpt), "think": think, "lexicon": lex.source,
             **{k: v for k, v in asdict(args).items() if k not in ("ckpt", "think", "out")}, "out": out}
     if args.benchmark:
-        runs = [(out, {**meta, "unibench": evaluate_unibench(model, args, d, think, lex, labelled)}, None)]
+        runs = [(out, {**meta, "unibench": evaluate_unibench(model, args, dist_env, think, lex, labelled)}, None)]
     else:  # one model, several splits: reports in OUT/{split}/
         runs = []
         for split in splits:
-            result, rows = evaluate_openset(model, root, labelled[split], args, d, think, lex, ablate)
+            result, rows = evaluate_openset(model, root, labelled[split], args, dist_env, think, lex, ablate)
             runs.append((out if len(splits) == 1 else os.path.join(out, split),
                          {**meta, "split": split, "data": root, **result}, rows))
     for where, metrics, rows in runs:
-        if d.main:
+        if dist_env.main:
             write_reports(where, metrics, rows)
             print(summary_markdown(metrics), end="")
             files = ["metrics.json", "summary.md"] + (["per_clip.csv"] if rows is not None else [])

@@ -394,13 +394,14 @@ def grpo_step(*, policy, ddp_policy, ref, optimizer, scheduler, params: list, cl
     """Rollout -> reward -> advantage -> reference (and old) log-probs -> mu optimiser steps, on this rank's
     clips. Returns (the step's Episodes, one PassStats per pass, the seconds of each part)."""
     t0 = clock(policy.device)
+    # 1. rollout: G completions per clip from the policy as it is now (the record: B clips, N = B * G rows)
     ep = rollout(policy, clips, feats, group_size=args.group_size, think=args.think,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=generator,
                  shared_prefix=args.shared_prefix)
     t_reward = clock(policy.device)
     # 2. reward: completion i answers clip i // G
     add_rewards(ep, lex, think=args.think, penalty=args.penalty, w_format=args.w_format, w_align=args.w_align,
-                   w_dual=args.w_dual, level=args.level, accuracy=args.accuracy)
+                w_dual=args.w_dual, level=args.level, accuracy=args.accuracy)  # ep.scores, ep.rewards (N,)
     # 3. advantages within each clip's group (a group never straddles ranks, so no gather is needed)
     ep.adv, ep.zero_std_groups = group_advantages(ep.rewards, ep.clip_of, args.adv_scale)  # (N,)
     t_reference = clock(policy.device)
@@ -417,11 +418,12 @@ def grpo_step(*, policy, ddp_policy, ref, optimizer, scheduler, params: list, cl
     ep.loss_mask = loss_mask_of(ep.mask, ep.truncated, args.truncated)  # (N, L)
     n_seqs, n_tokens = step_normalisers(ep, policy.device)
     passes = []
-    for _ in range(args.mu):
+    for _ in range(args.mu):  # pass 1 has rho = 1 (l_old is this very policy); later passes move it
         passes.append(accumulate_gradients(
             ddp_policy, policy, ep, n_seqs=n_seqs, n_tokens=n_tokens, world=world, temperature=args.temperature,
             eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, kl=args.kl, aggregation=args.aggregation,
             max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch, shared_prefix=args.shared_prefix))
+        # clip the gradient of the whole step (all ranks: DDP has all-reduced it), then one optimiser step
         passes[-1].grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")))
         optimizer.step()
         scheduler.step()  # per optimiser step: --warmup_steps counts these
@@ -535,6 +537,7 @@ def load_clips(policy, args: Args, dist_env, lex, signals, say) -> tuple:
     split = args.train_split
     if split == "rl" and not os.path.isfile(os.path.join(root, "rl.csv")):
         split = "train"  # datasets without a separate RL split train on their training split
+        say(f"note: {root} has no rl.csv: GRPO trains on train.csv (--train_split names another split)")
     clips = data.read_split(root, split, subtitles=not args.without_subtitles)
     train = [c for c in clips if reward.has_signal(c.labels, lex, args.level)]
     n_silent = len(clips) - len(train)

@@ -396,13 +396,13 @@ class AffectGPT(nn.Module):
         prompt = self.llm.base_model(inputs_embeds=self.embed(prompt_ids, media), attention_mask=prompt_mask,
                                      position_ids=position_ids, use_cache=True)  # each prompt once
         cache = prompt.cache
-        cache.batch_select_indices(prompt_of)  # keys and values (b, ...) -> (n, ...): row i holds its prompt's
+        cache.batch_select_indices(prompt_of)  # keys, values (b, ...) -> (n, ...): row i gets its prompt's
         real = prompt_mask.sum(1)[prompt_of, None]  # (n, 1) real prompt tokens of each completion's prompt
         out = self.llm.base_model(input_ids=tokens, attention_mask=torch.cat([prompt_mask[prompt_of], mask], 1),
                                   position_ids=real + torch.arange(L, device=tokens.device), cache=cache,
                                   use_cache=True)  # (n, L, D): the completions, attending to their prompt
         # token j is predicted by the hidden state before it: the prompt's last one for j = 0
-        hidden = torch.cat([prompt.last_hidden_state[prompt_of, -1:], out.last_hidden_state[:, :-1]], 1)  # (n, L, D)
+        hidden = torch.cat([prompt.last_hidden_state[prompt_of, -1:], out.last_hidden_state[:, :-1]], 1)  # (n,L,D)
         keep = mask.bool()
         picked = token_logprobs(hidden[keep], self.llm.get_output_embeddings(), tokens[keep], temperature,
                                 banned=self.placeholder_ids)

@@ -179,27 +179,27 @@ def make_optimizer(model, lr, weight_decay, projector_lr_scale=1.0):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
 
 
-def sft_loss_sum(net, batch, media) -> tuple:
+def sft_loss_sum(ddp_model, batch, media) -> tuple:
     """Summed negative log-likelihood of the target tokens, and their count."""
     targets = shift_targets(batch["labels"])
-    logp = net(batch["input_ids"], batch["attention_mask"], media, targets=targets)  # (B, T), 0 off-target
+    logp = ddp_model(batch["input_ids"], batch["attention_mask"], media, targets=targets)  # (B, T), 0 off-target
     return -logp.sum(), int((targets != -100).sum())
 
 
 @torch.no_grad()
-def evaluate(model, val_examples, val_clips, feats, args, d, lex, micro) -> dict:
+def evaluate(model, val_examples, val_clips, feats, args, dist_env, lex, micro) -> dict:
     """Held-out loss (all clips) and greedy generations (the first eval_samples clips), over all ranks."""
     model.eval()
-    mine = list(range(d.rank, len(val_examples), d.world))
+    mine = list(range(dist_env.rank, len(val_examples), dist_env.world))
     nll, tokens = 0.0, 0
     names = [val_clips[i].name for i in mine]
     for batch, media in micro_batches([val_examples[i] for i in mine], names, feats, micro,
-                                      model.tokenizer.pad_token_id, d.device):
+                                      model.tokenizer.pad_token_id, dist_env.device):
         with model.autocast():
             s, n = sft_loss_sum(model, batch, media)
         nll, tokens = nll + s.item(), tokens + n
-    nll, tokens = common.all_reduce_sum([nll, tokens], d.device)
-    shown = common.complete_sharded(model, val_clips[:args.eval_samples], feats, d, think=args.think,
+    nll, tokens = common.all_reduce_sum([nll, tokens], dist_env.device)
+    shown = common.complete_sharded(model, val_clips[:args.eval_samples], feats, dist_env, think=args.think,
                                     max_new_tokens=args.max_new_tokens, greedy=True)
     completions = {name: texts[0] for name, texts in shown.items()}
     gts = {c.name: c.labels for c in val_clips[:args.eval_samples]}
@@ -218,12 +218,12 @@ def main(args: Args):
     # ---- setup ------------------------------------------------------------------------------------------
     from tqdm import tqdm
     check_args(args)
-    d = common.setup_dist(args.device)
+    dist_env = common.setup_dist(args.device)
     common.seed_everything(args.seed)
-    say = tqdm.write if d.main else (lambda *a, **k: None)
+    say = tqdm.write if dist_env.main else (lambda *a, **k: None)
     # a used --out needs --resume (unchanged run) or --overwrite; unwritable folders fail here, not at step 1000
-    resume_from = common.check_out(args, d.main, say)
-    logger = common.Logger(args.out, d.main, write=say)
+    resume_from = common.check_out(args, dist_env.main, say)
+    logger = common.Logger(args.out, dist_env.main, write=say)
 
     # ---- data -------------------------------------------------------------------------------------------
     root = args.data or "out/synth"
@@ -244,14 +244,14 @@ def main(args: Args):
 
     # ---- model ------------------------------------------------------------------------------------------
     if resume_from or args.init:
-        model = model_lib.load_model(common.resolve_checkpoint(resume_from or args.init), device=d.device)
+        model = model_lib.load_model(common.resolve_checkpoint(resume_from or args.init), device=dist_env.device)
         check_same_weights(model.cfg, args, resume_from or args.init)
     else:
         cfg = model_lib.ModelConfig.from_preset(args.preset, llm=args.llm, vision=args.vision, audio=args.audio,
                                                 train_llm=args.train_llm, seed=args.model_seed,
                                                 random_init=args.random_init or None)
         # a random-init LLM gets a tokenizer fitted to the text it trains on (labels, subtitles, reasons)
-        model = model_lib.build_model(cfg, device=d.device, init_seed=args.seed,
+        model = model_lib.build_model(cfg, device=dist_env.device, init_seed=args.seed,
                                       tokenizer_texts=data.clip_texts(train_clips))
     model.use_sampler(args.compile)  # the held-out evaluation generates
     if args.grad_checkpointing:
@@ -259,11 +259,12 @@ def main(args: Args):
     cfg = model.cfg
     sizes = model_lib.count_parameters(model)
     say(f"model: preset {cfg.preset}, {sizes['trainable']:,} trainable of "
-        f"{sum(v for k, v in sizes.items() if k != 'trainable'):,} parameters ({cfg.train_llm}), device {d.device}")
+        f"{sum(v for k, v in sizes.items() if k != 'trainable'):,} parameters ({cfg.train_llm}), "
+        f"device {dist_env.device}")
 
-    stop = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
-    feats, skipped = common.clip_features(model, root, train_clips + val_clips, d, args.feature_cache,
-                                          args.use_faces, args.skip_bad_clips, stop)
+    signals = common.StopFlag()  # from here on Ctrl-C / SIGTERM stop the encoding, or save at a step boundary
+    feats, skipped = common.clip_features(model, root, train_clips + val_clips, dist_env, args.feature_cache,
+                                          args.use_faces, args.skip_bad_clips, signals)
     if skipped:
         say(f"skipped {len(skipped)} clips with bad media, e.g. {next(iter(skipped.values()))}")
     train_clips = [c for c in train_clips if c.name in feats]
@@ -274,8 +275,8 @@ def main(args: Args):
     tok = model.tokenizer
     train_ex = [data.tokenize_example(tok, c, args.think, cfg.n_tokens, args.max_length) for c in train_clips]
     val_ex = [data.tokenize_example(tok, c, args.think, cfg.n_tokens, args.max_length) for c in val_clips]
-    if args.batch_size % d.world or args.batch_size > len(train_ex):
-        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of the {d.world} ranks and "
+    if args.batch_size % dist_env.world or args.batch_size > len(train_ex):
+        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of the {dist_env.world} ranks and "
                          f"at most the {len(train_ex)} training clips")
     steps_per_epoch = len(train_ex) // args.batch_size
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -292,44 +293,45 @@ def main(args: Args):
     if resume_from:
         start = common.load_trainer_state(resume_from, optimizer, scheduler)["step"]
         say(f"resumed from {resume_from} at step {start}")
-    net = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
+    ddp_model = model if dist_env.world == 1 else \
+        DDP(model, device_ids=[dist_env.local_rank] if dist_env.device.type == "cuda" else None)
     lex = reward.load_lexicon("builtin")
 
     def save(name):
-        if d.main:
+        if dist_env.main:
             common.save_checkpoint(args.out, name, model, optimizer, scheduler,
                                    {"step": step, "data_position": step * args.batch_size, "args": asdict(args)},
                                    keep_last=args.keep_last)
         common.barrier()
 
     def run_eval(step):
-        metrics = evaluate(model, val_ex, val_clips, feats, args, d, lex, args.micro_batch)
+        metrics = evaluate(model, val_ex, val_clips, feats, args, dist_env, lex, args.micro_batch)
         shown = metrics.pop("examples")
         logger.log(step, metrics, prefix="[eval] ")
         for name, gt, text in shown:
             say(f"  {name}  gt {gt}\n    -> {text}")
 
     # ---- loop -------------------------------------------------------------------------------------------
-    common.start_run(args, d.main, start if resume_from else None)  # all checks passed: --overwrite acts now
+    common.start_run(args, dist_env.main, start if resume_from else None)  # all checks passed: --overwrite acts now
     if start == 0 and args.eval_every:
         run_eval(0)  # the starting point, for the curves
     model.train()
     step, t_last, tokens_seen = start, time.time(), 0
-    bar = tqdm(total=total, initial=start, desc="sft", disable=not d.main, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="sft", disable=not dist_env.main, dynamic_ncols=True)
     while step < total:
-        idx = common.global_batch(len(train_ex), args.batch_size, step, args.seed)[d.rank::d.world]
+        idx = common.global_batch(len(train_ex), args.batch_size, step, args.seed)[dist_env.rank::dist_env.world]
         examples, names = [train_ex[i] for i in idx], [train_clips[i].name for i in idx]
         n_tokens = sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
-        (global_tokens,) = common.all_reduce_sum([n_tokens], d.device)
-        parts = list(micro_batches(examples, names, feats, args.micro_batch, tok.pad_token_id, d.device))
+        (global_tokens,) = common.all_reduce_sum([n_tokens], dist_env.device)
+        parts = list(micro_batches(examples, names, feats, args.micro_batch, tok.pad_token_id, dist_env.device))
         loss_sum = 0.0
         for j, (batch, media) in enumerate(parts):
             sync = j == len(parts) - 1
-            ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
+            ctx = ddp_model.no_sync() if (dist_env.world > 1 and not sync) else contextlib.nullcontext()
             with ctx, model.autocast():
-                s, _ = sft_loss_sum(net, batch, media)
+                s, _ = sft_loss_sum(ddp_model, batch, media)
                 # DDP averages gradients over ranks: scale by world so the update is sum / global tokens
-                (s * d.world / global_tokens).backward()
+                (s * dist_env.world / global_tokens).backward()
             loss_sum += s.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
@@ -340,7 +342,7 @@ def main(args: Args):
         bar.update(1)
 
         if step % args.log_every == 0 or step == total:
-            loss, = common.all_reduce_sum([loss_sum], d.device)
+            loss, = common.all_reduce_sum([loss_sum], dist_env.device)
             elapsed = time.time() - t_last
             logger.log(step, {"train/loss": loss / global_tokens, "train/lr": scheduler.get_last_lr()[0],
                               "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tokens_seen / elapsed})
@@ -350,7 +352,7 @@ def main(args: Args):
         if args.save_every and step % args.save_every == 0 and step < total:
             save(f"step_{step:06d}")
         # the last step just finishes: one save (re-saving the step `latest` names is not kill -9 safe)
-        if step < total and (stop.check(d.device) or (args.stop_after and step - start >= args.stop_after)):
+        if step < total and (signals.check(dist_env.device) or (args.stop_after and step - start >= args.stop_after)):
             save(f"step_{step:06d}")
             say(f"stopped at step {step} of {total}: saved {args.out}/step_{step:06d}; continue with --resume")
             break
@@ -359,12 +361,12 @@ def main(args: Args):
     bar.close()
     if step == total:
         save(f"step_{step:06d}")
-        if d.main:
+        if dist_env.main:
             common.save_checkpoint(args.out, "final", model, state={"step": step, "args": asdict(args)})
             say(f"done: {args.out}/final")
     common.cleanup_dist()
     if step < total:
-        stop.exit()  # stopped by a signal: 128 + its number, so a scheduler does not take the run for finished
+        signals.exit()  # stopped by a signal: 128 + its number, so a scheduler does not take the run for finished
 
 
 if __name__ == "__main__":

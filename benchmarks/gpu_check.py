@@ -7,11 +7,12 @@
 Per preset (random init of its real shapes, no downloads): decode tokens/s of the eager and the compiled
 sampler (B sequences, random prompts) and their fraction of the bandwidth limit (bench_generate.py), then full
 GRPO steps (clips x G completions, bench_grpo.py) with the stages' default sampler: the time split of the
-steps after the first, samples/s, generated tokens/s and peak GPU memory. For the --prefix_presets (qwen0.5b),
-the shared-prefix GRPO step against the plain one (bench_prefix.py: one clip x G, --prefix_prompt_len
-prompt tokens, --new_tokens completion tokens): update and step seconds, their ratios, the update's peak memory. With more than one GPU, a short SFT
-(one process) and a few grpo.py steps under torchrun on all of them. The JSON is rewritten after each part,
-so a run cut short keeps what it measured; parts that would start after --budget_s are skipped and say so.
+steps after the first, samples/s, generated tokens/s and peak GPU memory. For the --prefix_presets
+(qwen0.5b), the shared-prefix GRPO step against the plain one (bench_prefix.py: one clip x G,
+--prefix_prompt_len prompt tokens, --new_tokens completion tokens): update and step seconds, their ratios, the
+update's peak memory. With more than one GPU, a short SFT (one process) and a few grpo.py steps under
+torchrun on all of them. The JSON is rewritten after each part, so a run cut short keeps what it measured;
+parts that would start after --budget_s are skipped and say so.
 """
 
 import argparse

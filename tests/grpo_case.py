@@ -111,7 +111,8 @@ if __name__ == "__main__":
     dist_env = common.setup_dist("cpu")
     model, ref, ep, settings = make_case(sys.argv[2])
     B = ep.prompt_ids.shape[0]
-    mine = sub_episodes(ep, torch.arange(B)[dist_env.rank * B // dist_env.world:(dist_env.rank + 1) * B // dist_env.world])
+    rank, world = dist_env.rank, dist_env.world
+    mine = sub_episodes(ep, torch.arange(B)[rank * B // world:(rank + 1) * B // world])  # whole groups per rank
     settings["micro_batch"] = 3  # also a different micro-batch split than the 1-rank reference
     grads, _ = gradients(model, mine, settings, dist_env.world, DDP(model))
     if dist_env.main:

@@ -15,8 +15,8 @@ def test_gpu_check_writes_its_json_at_toy_size_on_a_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--presets", "tiny",
                         "--batch", "3", "--prompt_len", "8", "--new_tokens", "4", "--clips", "1", "--group", "2",
-                        "--grpo_steps", "1", "--prefix_presets", "tiny", "--prefix_prompt_len", "72", "--out", str(out)], capture_output=True,
-                       text=True, timeout=600,
+                        "--grpo_steps", "1", "--prefix_presets", "tiny", "--prefix_prompt_len", "72",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -455,7 +455,8 @@ def test_resume_equals_uninterrupted(sft_ckpt, synth_data, tmp_path):
     b = load_file(tmp_path / "split" / "final" / "trainable.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     for key in ("reward/total", "train/clip_fraction", "train/lr"):
-        assert [m[key] for m in logged_steps(tmp_path / "straight")] == [m[key] for m in logged_steps(tmp_path / "split")]
+        straight, split = (logged_steps(tmp_path / name) for name in ("straight", "split"))
+        assert [m[key] for m in straight] == [m[key] for m in split]
     assert max(m["train/clip_fraction"] for m in logged_steps(tmp_path / "split")) > 0  # the second passes clip
 
 
