@@ -355,9 +355,8 @@ class AffectGPT(nn.Module):
     def hidden_states(self, input_ids, attention_mask, media=None):
         """Last hidden states (B, T, D). NOTE: position ids come from the attention mask, so left-padded
         rows get the same positions as unpadded ones."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm.base_model(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False)
+                                  position_ids=positions(attention_mask), use_cache=False)
         return out.last_hidden_state
 
     def forward(self, input_ids, attention_mask, media=None, targets=None, temperature=1.0, completions=None):
@@ -392,9 +391,8 @@ class AffectGPT(nn.Module):
         Indexing passes gradients back: the prompt's gradient (LoRA, projector) is the sum of what its
         completions send, as in the plain forward. Exact without dropout (GRPO scores in eval mode)."""
         n, L = tokens.shape
-        position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, P)
         prompt = self.llm.base_model(inputs_embeds=self.embed(prompt_ids, media), attention_mask=prompt_mask,
-                                     position_ids=position_ids, use_cache=True)  # each prompt once
+                                     position_ids=positions(prompt_mask), use_cache=True)  # each prompt once
         cache = prompt.cache
         cache.batch_select_indices(prompt_of)  # keys, values (b, ...) -> (n, ...): row i gets its prompt's
         real = prompt_mask.sum(1)[prompt_of, None]  # (n, 1) real prompt tokens of each completion's prompt
@@ -443,16 +441,9 @@ class AffectGPT(nn.Module):
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, generator=generator,
                         return_stats=return_stats)
         stop_ids, banned = torch.tensor(self.stop_ids, device=input_ids.device), self._banned(input_ids.device)
-        # NOTE: left padding: positions count the real tokens only, so a padded prompt is scored as unpadded
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=True, logits_to_keep=1)  # the prompts, once each
-        cache = out.cache
+        cache, logits, next_pos = self.prefill(input_ids, attention_mask, media, G)  # (B*G, V), (B*G, 1)
         cache.batch_repeat_interleave(G)  # keys and values (B, ...) -> (B*G, ...): row i holds prompt i // G
-        # NOTE: the policy never emits a media placeholder: those logits are -inf here and in every scoring pass
-        logits = out.logits[:, -1].repeat_interleave(G, 0).index_fill(-1, banned, float("-inf"))  # (B*G, V)
         attention_mask = attention_mask.repeat_interleave(G, 0)  # (B*G, P)
-        next_pos = position_ids[:, -1:].repeat_interleave(G, 0) + 1  # (B*G, 1)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=input_ids.device)  # (B*G,) stopped rows
         steps = []  # (token, log-prob, entropy), each (B*G,), per step
         for _ in range(max_new_tokens):
@@ -466,6 +457,17 @@ class AffectGPT(nn.Module):
             logits = out.logits[:, -1].index_fill(-1, banned, float("-inf"))
             next_pos = next_pos + 1
         return _stack_steps(steps, logits.shape[0], input_ids.device, return_stats, self.stop_ids)
+
+    def prefill(self, input_ids, attention_mask, media, group_size: int) -> tuple:
+        """The prompts' pass of both decode loops, each prompt once: (its dynamic KV cache, B rows; the first
+        decode step's logits (B*G, V), placeholders banned; each of the B*G rows' next position (B*G, 1))."""
+        G, position_ids = group_size, positions(attention_mask)  # (B, P)
+        out = self.llm(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        # NOTE: the policy never emits a media placeholder: those logits are -inf here and in every scoring pass
+        logits = out.logits[:, -1].repeat_interleave(G, 0).index_fill(-1, self._banned(input_ids.device),
+                                                                      float("-inf"))
+        return out.cache, logits, position_ids[:, -1:].repeat_interleave(G, 0) + 1
 
     def use_sampler(self, compiled: bool | None = None):
         """The stages' --compile: which decode loop `decode` runs. False: the eager loop `generate`; True: a
@@ -545,19 +547,16 @@ class StaticSampler:
         dev, pad = input_ids.device, model.tokenizer.pad_token_id
         input_ids = F.pad(input_ids, (P - P0, 0), value=pad)  # more left padding: masked, positions unchanged
         attention_mask = F.pad(attention_mask, (P - P0, 0), value=0)  # (B, P)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
         # the prompts run once each (a dynamic cache), then fill the G rows of each in the static cache
-        out = model.llm(inputs_embeds=model.embed(input_ids, media), attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        prompt_cache, logits, first_pos = model.prefill(input_ids, attention_mask, media, G)  # (B*G, V), (B*G, 1)
         S = P + max_new_tokens
         cache = self._static_cache(B * G, S, dev)
-        for layer, prompt in zip(cache.layers, out.cache.layers):  # slots 0..P-1 of row i: prompt i // G
+        for layer, prompt in zip(cache.layers, prompt_cache.layers):  # slots 0..P-1 of row i: prompt i // G
             layer.update(prompt.keys.repeat_interleave(G, 0), prompt.values.repeat_interleave(G, 0))
         banned, stop_ids = model._banned(dev), torch.tensor(model.stop_ids, device=dev)
-        logits = out.logits[:, -1].repeat_interleave(G, 0).index_fill(-1, banned, float("-inf"))  # (B*G, V)
         keep = F.pad(attention_mask, (0, max_new_tokens), value=0).bool().repeat_interleave(G, 0)  # (B*G, S)
         start = torch.tensor(P, device=dev)  # cache slot of the first generated token
-        slot, first_pos = start.clone(), position_ids[:, -1:].repeat_interleave(G, 0) + 1  # 0-d, (B*G, 1)
+        slot = start.clone()  # 0-d: the slot the next token goes into
         done = torch.zeros(B * G, dtype=torch.bool, device=dev)
         steps = []
         for t in range(max_new_tokens):
@@ -583,6 +582,13 @@ class StaticSampler:
             self.cache, self.cache_key = StaticCache(config=self.model.llm.config, max_cache_len=S), key
         self.cache.reset()
         return self.cache
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) = the count of real tokens before each one. NOTE: left padding is not counted, so a
+    left-padded prompt gets the positions it has alone (rotary embeddings would not see a whole-row shift, but
+    a gap inside a row they do)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):

@@ -580,15 +580,13 @@ class Args:
 def check_args(args: Args):
     """Refuse bad arguments and an --out that holds other files, before any work."""
     problems = []
-    sizes = (args.n_train, args.n_rl, args.n_val, args.n_test, args.n_test_shift, args.unibench)
-    if min(sizes) < 0 or sum(sizes[:5]) == 0:
-        problems.append("--n_train, --n_rl, --n_val, --n_test, --n_test_shift and --unibench must be >= 0, and "
-                        "the splits not all 0")
+    problems += common.at_least(args, 0, "n_train", "n_rl", "n_val", "n_test", "n_test_shift", "unibench")
+    if args.n_train + args.n_rl + args.n_val + args.n_test + args.n_test_shift == 0:
+        problems.append("--n_train, --n_rl, --n_val, --n_test and --n_test_shift are all 0: no split to write")
     rates = (args.omit_rate, args.synonym_rate, args.spurious_rate, args.shift_misleading, args.shift_distractor)
     if not all(0 <= r <= 1 for r in rates):
         problems.append("rates must lie in [0, 1]")
-    if args.annotators < 1 or args.held_out_words < 0:
-        problems.append("--annotators must be >= 1 and --held_out_words >= 0")
+    problems += common.at_least(args, 1, "annotators") + common.at_least(args, 0, "held_out_words")
     if args.rl_labels not in ("annotators", "clean"):
         problems.append(f"--rl_labels {args.rl_labels!r}: choose annotators or clean")
     if os.path.isdir(args.out) and os.listdir(args.out):
@@ -599,8 +597,7 @@ def check_args(args: Args):
             problems.append(f"--out {args.out} holds a benchmark already: pass --overwrite to replace it")
     elif os.path.exists(args.out) and not os.path.isdir(args.out):
         problems.append(f"--out {args.out} is a file")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+    common.refuse(problems)
 
 
 def main(args: Args):
@@ -610,16 +607,17 @@ def main(args: Args):
     shutil.rmtree(partial, ignore_errors=True)
     common.ensure_writable(partial)
     try:
-        summary = synthesize(partial, args.n_train, args.n_test, args.seed, n_val=args.n_val, n_rl=args.n_rl,
-                             n_test_shift=args.n_test_shift, rl_labels=args.rl_labels,
-                             annotators=Annotators(args.annotators, args.omit_rate, args.synonym_rate,
-                                                   args.spurious_rate),
-                             held_out_words=args.held_out_words, shift_misleading=args.shift_misleading,
-                             shift_distractor=args.shift_distractor, n_unibench=args.unibench)
-        if os.path.isdir(out):  # an earlier benchmark (check_args asked for --overwrite)
-            shutil.rmtree(out)
-        os.replace(partial, out)
-    except BaseException:
+        with common.writing(out, partial=(partial,)):  # a full disk: one message, no partial benchmark
+            summary = synthesize(partial, args.n_train, args.n_test, args.seed, n_val=args.n_val, n_rl=args.n_rl,
+                                 n_test_shift=args.n_test_shift, rl_labels=args.rl_labels,
+                                 annotators=Annotators(args.annotators, args.omit_rate, args.synonym_rate,
+                                                       args.spurious_rate),
+                                 held_out_words=args.held_out_words, shift_misleading=args.shift_misleading,
+                                 shift_distractor=args.shift_distractor, n_unibench=args.unibench)
+            if os.path.isdir(out):  # an earlier benchmark (check_args asked for --overwrite)
+                shutil.rmtree(out)
+            os.replace(partial, out)
+    except BaseException:  # an interrupt or any error: no half benchmark stays either
         shutil.rmtree(partial, ignore_errors=True)
         raise
     print(f"wrote {summary['n_train']} train, {summary['n_rl']} rl ({summary['rl_labels']} labels), "

@@ -45,7 +45,7 @@ def test_shared_prefix_equals_the_plain_forward(aggregation, kl):
     assert_same_update(model, ep, {**s, "kl": kl})
 
 
-def test_truncated_rows_dropped_from_the_loss():
+def test_shared_prefix_equals_the_plain_forward_with_truncated_rows_dropped():
     model, _, ep, s = make_case("dr_grpo", truncated="drop")
     assert_same_update(model, ep, s)
 

@@ -2,6 +2,7 @@
 synthetic MER-UniBench (read by the official-layout readers, class words and valence from the hidden sectors,
 no clip of it in training, scored by eval.py --benchmark merunibench), and the command line."""
 
+import errno
 import hashlib
 import json
 
@@ -334,8 +335,20 @@ def test_cli_refuses_to_replace_other_files_and_leaves_no_partial_benchmark(tmp_
     assert not (tmp_path / "bench.partial").exists() and (out / "train.csv").read_bytes() != first
     assert (out / "synth.json").is_file()
 
+    def disk_full(*args, **kwargs):  # the media writer's OSError on a full disk: one message, nothing half-written
+        (tmp_path / "bench.partial" / "train.csv").write_text("name,openset\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-@pytest.mark.parametrize("flags, message", [(["--n-train", "-1"], "must be >= 0"),
+    monkeypatch.setattr(synth, "synthesize", disk_full)
+    with pytest.raises(SystemExit, match=f"error: cannot write {out}: the disk is full"):
+        synth.main(cli_args(out, seed=2, overwrite=True))
+    assert not (tmp_path / "bench.partial").exists() and (out / "synth.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [(["--n-train", "-1"], "--n_train -1: must be at least 0"),
+                                            (["--n_train", "0", "--n_rl", "0", "--n_val", "0", "--n_test", "0",
+                                              "--n_test_shift", "0"], "no split to write"),
+                                            (["--annotators", "0"], "--annotators 0: must be at least 1"),
                                             (["--omit-rate", "2"], "rates must lie in"),
                                             (["--rl_labels", "noisy"], "--rl_labels 'noisy': choose")])
 def test_cli_refuses_bad_flags(flags, message, tmp_path):
